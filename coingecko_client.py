@@ -1,0 +1,384 @@
+"""The CoinGecko client: pages of tickers, one rate limiter, retries.
+
+Every upstream call passes ``RateLimiter.acquire``; a 429 pauses the limiter, so
+it pauses every thread that shares the client. Faults (5xx, timeouts, dropped
+connections, truncated or non-JSON bodies) are retried with exponential backoff
+and jitter. A bad key or a wrong base URL is not a coin's fault: it raises
+``UpstreamUnavailable`` for the worker to pause on.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import requests
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    base_url: str
+    key_header: str | None
+    rate_limit: int
+    concurrency: int
+
+
+PLANS = {
+    "keyless": Plan("https://api.coingecko.com/api/v3", None, 10, 1),
+    "demo": Plan("https://api.coingecko.com/api/v3", "x-cg-demo-api-key", 30, 1),
+    "pro": Plan("https://pro-api.coingecko.com/api/v3", "x-cg-pro-api-key", 500, 4),
+}
+
+PAGE_SIZE = 100
+MAX_PAGES = 1000
+COINS_LIST_TTL = 600.0
+# Slots are spaced this much wider than 60 s / limit, so that network jitter
+# can never put limit + 1 calls into one 60 s window at the upstream.
+SPACING_MARGIN = 1.01
+
+
+class CoinGeckoError(Exception):
+    """Base of what the client raises."""
+
+
+class CoinNotFound(CoinGeckoError):
+    """CoinGecko does not know the coin (a 404 from its tickers)."""
+
+
+class CoinFetchError(CoinGeckoError):
+    """A coin could not be retrieved: its retries ran out, or CoinGecko answered nonsense."""
+
+
+class UpstreamUnavailable(CoinGeckoError):
+    """No call can succeed until an operator acts (a bad key, a wrong base URL)."""
+
+
+class Stopped(CoinGeckoError):
+    """The client was closed while a call waited."""
+
+
+class _Transient(Exception):
+    """A fault worth another attempt."""
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    exchanges: tuple[str, ...]
+    pages: int
+    calls: int
+
+
+class RateLimiter:
+    """Hands out call slots spaced evenly, at most ``per_minute`` in any 60 s window.
+
+    The first call goes at once and each later one a full interval after the one
+    before, so there is never a burst. ``pause`` pushes every slot not yet used
+    past a deadline (a 429's Retry-After).
+    """
+
+    def __init__(
+        self,
+        per_minute: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if per_minute <= 0:
+            raise ValueError("the rate limit must be positive")
+        self.interval = 60.0 / per_minute * SPACING_MARGIN
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_slot = -math.inf
+        self._paused_until = -math.inf
+        self._pauses = 0
+
+    def acquire(self) -> None:
+        """Wait for this caller's slot; take a new one if a pause began meanwhile."""
+        while True:
+            with self._lock:
+                now = self._clock()
+                slot = max(now, self._next_slot, self._paused_until)
+                self._next_slot = slot + self.interval
+                pauses = self._pauses
+            if slot > now:
+                self._sleep(slot - now)
+            with self._lock:
+                if self._pauses == pauses or self._paused_until <= slot:
+                    return
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+            self._pauses += 1
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _is_html(response: requests.Response) -> bool:
+    content_type = response.headers.get("Content-Type", "")
+    return "html" in content_type.lower() or response.content.lstrip()[:1] == b"<"
+
+
+class CoinGeckoClient:
+    """A thread-safe client; share one instance between all worker threads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        key_header: str | None = None,
+        rate_limit: float = 10,
+        timeout: float = 15.0,
+        max_attempts: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        rate_limit_backoff: float | None = None,
+        max_pages: int = MAX_PAGES,
+        list_ttl: float = COINS_LIST_TTL,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_pages = max_pages
+        self.list_ttl = list_ttl
+        self._stop = threading.Event()
+        self._clock = clock
+        self._sleep = sleep or self._interruptible_sleep
+        self._rng = rng or random.Random()
+        self.limiter = RateLimiter(rate_limit, clock=clock, sleep=self._sleep)
+        self.rate_limit_backoff = rate_limit_backoff or max(1.0, 2 * self.limiter.interval)
+        self._session = session or requests.Session()
+        if api_key and key_header:
+            self._session.headers[key_header] = api_key
+        self._session.headers.setdefault("Accept", "application/json")
+        self._stats_lock = threading.Lock()
+        self._this_thread = threading.local()
+        self._call_times: deque[float] = deque()
+        self._calls = 0
+        self._rate_limited = 0
+        self._consecutive_429 = 0
+        self._list_lock = threading.Lock()
+        self._listed: frozenset[str] | None = None
+        self._listed_at = -math.inf
+        self._list_failed_at = -math.inf
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise Stopped("the client was closed")
+
+    def close(self) -> None:
+        """Wake and stop every thread waiting in this client."""
+        self._stop.set()
+        self._session.close()
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def _count_call(self) -> None:
+        now = self._clock()
+        self._this_thread.calls = self.calls_by_this_thread() + 1
+        with self._stats_lock:
+            self._calls += 1
+            self._call_times.append(now)
+            while self._call_times and self._call_times[0] < now - 60.0:
+                self._call_times.popleft()
+
+    def calls_by_this_thread(self) -> int:
+        """Upstream calls the calling thread has made: what one coin cost, under concurrency."""
+        return getattr(self._this_thread, "calls", 0)
+
+    def stats(self) -> dict[str, float]:
+        now = self._clock()
+        with self._stats_lock:
+            recent = sum(1 for t in self._call_times if t >= now - 60.0)
+            return {"calls": self._calls, "rate_limited": self._rate_limited, "calls_last_minute": recent}
+
+    # -- one call ---------------------------------------------------------------------------
+
+    def _get(self, path: str, params: dict | None = None) -> tuple[object, requests.structures.CaseInsensitiveDict, int]:
+        """GET ``path`` until it answers 200 with JSON; returns (body, headers, calls made).
+
+        Raises CoinNotFound on 404, UpstreamUnavailable on 401/403, CoinFetchError
+        when the attempts run out or the answer cannot be used.
+        """
+        calls = 0
+        failures = 0
+        while True:
+            self.limiter.acquire()
+            calls += 1
+            self._count_call()
+            try:
+                response = self._session.get(self.base_url + path, params=params, timeout=self.timeout)
+                if response.status_code == 429:
+                    self._back_off_rate_limit(response, path)
+                    continue
+                self._consecutive_429 = 0
+                return self._check(response), response.headers, calls
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError, _Transient) as exc:
+                failures += 1
+                reason = _describe(exc)
+                if failures >= self.max_attempts:
+                    raise CoinFetchError(f"{reason} (gave up after {failures} attempts)") from exc
+                delay = self._retry_delay(failures)
+                log.warning("GET %s: %s; attempt %d of %d, retrying in %.1fs",
+                            path, reason, failures, self.max_attempts, delay)
+                self._sleep(delay)
+
+    def _check(self, response: requests.Response) -> object:
+        status = response.status_code
+        if status in (401, 403):
+            raise UpstreamUnavailable(
+                f"CoinGecko refused the request with HTTP {status}: check COINGECKO_API_KEY and COINGECKO_PLAN"
+            )
+        if status == 404:
+            raise CoinNotFound(f"CoinGecko answered 404 for {response.request.path_url.split('?')[0]}")
+        if status >= 500:
+            raise _Transient(f"HTTP {status}{' (an HTML error page)' if _is_html(response) else ''}")
+        if status != 200:
+            raise CoinFetchError(f"CoinGecko answered HTTP {status}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            kind = "an HTML page" if _is_html(response) else "a body that is not JSON (truncated?)"
+            raise _Transient(f"HTTP 200 with {kind}") from exc
+
+    def _back_off_rate_limit(self, response: requests.Response, path: str) -> None:
+        with self._stats_lock:
+            self._rate_limited += 1
+            self._consecutive_429 += 1
+            streak = self._consecutive_429
+        delay = None if _is_html(response) else parse_retry_after(response.headers.get("Retry-After"))
+        if delay is None:
+            delay = min(self.rate_limit_backoff * 2 ** (streak - 1), 300.0)
+        log.warning("GET %s: 429 Too Many Requests; pausing all upstream calls for %.1fs", path, delay)
+        self.limiter.pause(delay)
+
+    def _retry_delay(self, failures: int) -> float:
+        ceiling = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
+        return ceiling * (0.5 + self._rng.random() / 2)
+
+    # -- coins --------------------------------------------------------------------------------
+
+    def fetch_exchanges(self, coin_id: str) -> Retrieval:
+        """Every exchange ``coin_id`` trades on, over all its ticker pages, each page fetched once."""
+        path = f"/coins/{quote(coin_id, safe='')}/tickers"
+        exchanges: set[str] = set()
+        calls = 0
+        pages_needed: int | None = None
+        page = 0
+        while True:
+            page += 1
+            if page > self.max_pages:
+                raise CoinFetchError(f"more than {self.max_pages} pages of tickers; stopped there")
+            body, headers, made = self._get(path, {"page": page})
+            calls += made
+            tickers = _tickers_of(body)
+            exchanges.update(_identifiers(tickers))
+            if page == 1:
+                pages_needed = _pages_from_headers(headers)
+            if not tickers or (len(tickers) < PAGE_SIZE if pages_needed is None else page >= pages_needed):
+                return Retrieval(tuple(sorted(exchanges)), page, calls)
+
+    def is_listed(self, coin_id: str) -> bool | None:
+        """Whether CoinGecko's coins/list holds ``coin_id``; None when the list cannot be had.
+
+        The list is cached and fetched again only for an ID it lacks, at most every
+        ``list_ttl`` seconds, so known coins cost no extra calls.
+        """
+        with self._list_lock:
+            now = self._clock()
+            if self._listed is not None and (coin_id in self._listed or now - self._listed_at < self.list_ttl):
+                return coin_id in self._listed
+            if now - self._list_failed_at < self.list_ttl:
+                return None
+            try:
+                body, _, _ = self._get("/coins/list")
+            except CoinNotFound as exc:
+                raise UpstreamUnavailable(
+                    f"{self.base_url}/coins/list answered 404: COINGECKO_API_URL must end in /api/v3"
+                ) from exc
+            except CoinFetchError as exc:
+                self._list_failed_at = now
+                log.warning("coins/list could not be fetched (%s); relying on tickers 404s for now", exc)
+                return None
+            if not isinstance(body, list):
+                self._list_failed_at = now
+                return None
+            self._listed = frozenset(item["id"] for item in body if isinstance(item, dict) and isinstance(item.get("id"), str))
+            self._listed_at = self._clock()
+            log.info("coins/list: %d coins", len(self._listed))
+            return coin_id in self._listed
+
+
+def _tickers_of(body: object) -> list:
+    if not isinstance(body, dict) or not isinstance(body.get("tickers"), list):
+        raise CoinFetchError("the tickers answer has no 'tickers' list")
+    return body["tickers"]
+
+
+def _identifiers(tickers: list) -> list[str]:
+    found = []
+    for ticker in tickers:
+        market = ticker.get("market") if isinstance(ticker, dict) else None
+        identifier = market.get("identifier") if isinstance(market, dict) else None
+        if isinstance(identifier, str) and identifier:
+            found.append(identifier)
+    return found
+
+
+def _pages_from_headers(headers) -> int | None:
+    """Pages that cover the ``total`` header, or None when it is missing or unreadable."""
+    try:
+        total = int(headers.get("total", ""))
+    except ValueError:
+        return None
+    try:
+        per_page = int(headers.get("per-page", PAGE_SIZE))
+    except ValueError:
+        per_page = PAGE_SIZE
+    if total < 0 or per_page <= 0:
+        return None
+    return math.ceil(total / per_page)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "the body was cut short"
+    if isinstance(exc, requests.ConnectionError):
+        return "the connection failed or was dropped"
+    return str(exc)

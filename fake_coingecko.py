@@ -1,0 +1,445 @@
+"""A CoinGecko look-alike for tests, demos and the benchmark: ``python -m fake_coingecko --port 8900``.
+
+It serves ``/api/v3/coins/list`` and ``/api/v3/coins/{id}/tickers`` in CoinGecko's
+shape from a deterministic data set, and can be made as unkind as the real one:
+a per-minute limit answering 429 (JSON with or without Retry-After, or a
+Cloudflare-style HTML page), injected faults (500/502/503, HTML error pages,
+dropped connections, truncated bodies, answers slower than the client waits),
+an API-key check, and latency. ``GET /_fake/stats`` tells what it served;
+``POST /_fake/reset`` forgets it; ``POST /_fake/config`` changes the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import socket
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger("fake_coingecko")
+
+PER_PAGE = 100
+EXCHANGE_POOL = 250
+FAULT_KINDS = ("500", "502", "503", "html", "drop", "truncate", "slow", "badjson")
+RETRY_AFTER_MODES = ("json", "none", "html")
+
+# Coins with ticker counts that matter to paging: around one page, and many pages.
+SPECIAL_COINS = {
+    "bitcoin": 1234,
+    "ethereum": 101,
+    "tether": 250,
+    "zero-tickers": 0,
+    "one-ticker": 1,
+    "ninety-nine": 99,
+    "one-hundred": 100,
+    "one-hundred-one": 101,
+    "two-hundred": 200,
+    "many-tickers": 2500,
+    "a+b": 3,
+    "bücoin": 5,
+}
+
+
+class FakeData:
+    """A deterministic universe of coins: ``coins`` generated ones plus the special ones."""
+
+    def __init__(self, coins: int = 200) -> None:
+        self.ticker_counts = dict(SPECIAL_COINS)
+        for i in range(1, coins + 1):
+            self.ticker_counts[f"coin-{i:05d}"] = _generated_ticker_count(i)
+        self._list_body = json.dumps(
+            [{"id": coin_id, "symbol": coin_id[:4], "name": coin_id.title()} for coin_id in self.ticker_counts]
+        ).encode()
+
+    def coin_ids(self) -> list[str]:
+        return list(self.ticker_counts)
+
+    def list_body(self) -> bytes:
+        return self._list_body
+
+    def tickers(self, coin_id: str) -> list[dict]:
+        offset = int(hashlib.sha256(coin_id.encode()).hexdigest()[:8], 16)
+        return [_ticker(coin_id, offset, j) for j in range(self.ticker_counts[coin_id])]
+
+    def exchanges(self, coin_id: str) -> list[str]:
+        """The true answer for ``coin_id``: its tickers' unique market identifiers, sorted."""
+        return sorted({ticker["market"]["identifier"] for ticker in self.tickers(coin_id)})
+
+    def pages(self, coin_id: str) -> int:
+        """The fewest tickers calls that retrieve ``coin_id`` (1 for a coin with no tickers)."""
+        return max(1, math.ceil(self.ticker_counts[coin_id] / PER_PAGE))
+
+
+def _generated_ticker_count(i: int) -> int:
+    if i % 25 == 0:
+        return 100 + (i * 37) % 300
+    return (i * 13) % 60
+
+
+def _ticker(coin_id: str, offset: int, j: int) -> dict:
+    # Two tickers in a row share an exchange, as BTC/USDT and BTC/USD do on one.
+    exchange = (offset + (j // 2) * 13) % EXCHANGE_POOL
+    return {
+        "base": coin_id[:6].upper(),
+        "target": ("USDT", "USD", "BTC", "ETH")[j % 4],
+        "market": {"name": f"Exchange {exchange}", "identifier": f"exchange-{exchange:03d}", "has_trading_incentive": False},
+        "last": 1.0 + j,
+        "volume": 1000.0 + j,
+        "trust_score": "green",
+        "is_anomaly": False,
+        "is_stale": False,
+    }
+
+
+@dataclass
+class FakeOptions:
+    rate_limit: int = 0
+    retry_after: str = "json"
+    retry_after_seconds: float = 1.0
+    latency: float = 0.0
+    fault_rate: float = 0.0
+    faults: list[str] = field(default_factory=lambda: list(FAULT_KINDS))
+    slow_seconds: float = 2.0
+    api_key: str | None = None
+    key_header: str = "x-cg-demo-api-key"
+    omit_total: bool = False
+    seed: int = 1
+
+    def update(self, changes: dict) -> None:
+        names = {f.name for f in fields(self)}
+        unknown = set(changes) - names
+        if unknown:
+            raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+        for name, value in changes.items():
+            setattr(self, name, value)
+        bad = set(self.faults) - set(FAULT_KINDS)
+        if bad or self.retry_after not in RETRY_AFTER_MODES:
+            raise ValueError(f"faults are {FAULT_KINDS}, retry_after modes {RETRY_AFTER_MODES}")
+
+
+class FakeStats:
+    """What the fake served, under one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = time.monotonic()
+        self.calls = 0
+        self.statuses: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.page_successes: Counter[tuple[str, int]] = Counter()
+        self.list_calls = 0
+        self.ticker_calls = 0
+        self.rate_limited = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.times: list[float] = []
+        self.window: deque[float] = deque()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            twice = sorted(f"{coin}:{page}" for (coin, page), n in self.page_successes.items() if n > 1)
+            return {
+                "calls": self.calls,
+                "ticker_calls": self.ticker_calls,
+                "list_calls": self.list_calls,
+                "rate_limited": self.rate_limited,
+                "statuses": dict(self.statuses),
+                "faults": dict(self.faults),
+                "pages_served": sum(self.page_successes.values()),
+                "distinct_pages": len(self.page_successes),
+                "pages_fetched_twice": twice,
+                "coins_served": sorted({coin for coin, _ in self.page_successes}),
+                "peak_concurrency": self.peak_in_flight,
+                "times": list(self.times),
+            }
+
+
+class FakeCoinGecko:
+    """The fake as an object: ``start()`` serves it on a thread, ``url`` is its API base."""
+
+    def __init__(self, options: FakeOptions | None = None, data: FakeData | None = None,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.options = options or FakeOptions()
+        self.data = data or FakeData()
+        self.stats = FakeStats()
+        self._rng = random.Random(self.options.seed)
+        self._rng_lock = threading.Lock()
+        self.server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self.server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v3"
+
+    def start(self) -> FakeCoinGecko:
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-coingecko", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeCoinGecko:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def configure(self, **changes: object) -> None:
+        self.options.update(changes)
+        with self._rng_lock:
+            self._rng = random.Random(self.options.seed)
+
+    def draw_fault(self) -> str | None:
+        options = self.options
+        if options.fault_rate <= 0 or not options.faults:
+            return None
+        with self._rng_lock:
+            if self._rng.random() >= options.fault_rate:
+                return None
+            return self._rng.choice(options.faults)
+
+    def admit(self) -> bool:
+        """Count a call against the per-minute window; False if it is over the limit."""
+        limit = self.options.rate_limit
+        now = time.monotonic()
+        with self.stats.lock:
+            self.stats.calls += 1
+            self.stats.times.append(now - self.stats.started)
+            if not limit:
+                return True
+            window = self.stats.window
+            while window and window[0] <= now - 60.0:
+                window.popleft()
+            if len(window) >= limit:
+                self.stats.rate_limited += 1
+                return False
+            window.append(now)
+            return True
+
+
+def _handler_for(fake: FakeCoinGecko) -> type[BaseHTTPRequestHandler]:
+    class Handler(_FakeHandler):
+        pass
+
+    Handler.fake = fake
+    return Handler
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    fake: FakeCoinGecko
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+        with self.fake.stats.lock:
+            self.fake.stats.statuses[str(status)] += 1
+
+    def _json(self, status: int, value: object, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(value).encode(), headers=headers)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    # -- control endpoints --------------------------------------------------------------------
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        fake = self.fake
+        if path == "/_fake/reset":
+            with fake.stats.lock:
+                fake.stats.reset()
+            self._json(200, {"reset": True})
+        elif path == "/_fake/config":
+            try:
+                fake.configure(**json.loads(self._read_body() or b"{}"))
+            except (ValueError, TypeError) as exc:
+                self._json(400, {"error": str(exc)})
+                return
+            self._json(200, asdict(fake.options))
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        path = url.path
+        fake = self.fake
+        if path == "/_fake/stats":
+            self._json(200, fake.stats.snapshot())
+            return
+        if path == "/_fake/config":
+            self._json(200, asdict(fake.options))
+            return
+        with fake.stats.lock:
+            fake.stats.in_flight += 1
+            fake.stats.peak_in_flight = max(fake.stats.peak_in_flight, fake.stats.in_flight)
+        try:
+            self._serve_api(path, parse_qs(url.query))
+        finally:
+            with fake.stats.lock:
+                fake.stats.in_flight -= 1
+
+    # -- the API ----------------------------------------------------------------------------
+
+    def _serve_api(self, path: str, query: dict[str, list[str]]) -> None:
+        fake, options = self.fake, self.fake.options
+        if options.latency:
+            time.sleep(options.latency)
+        if not fake.admit():
+            self._rate_limited()
+            return
+        if options.api_key is not None and self.headers.get(options.key_header) != options.api_key:
+            self._json(401, {"status": {"error_code": 10002, "error_message": "API Key Missing or invalid"}})
+            return
+        if path == "/api/v3/ping":
+            self._json(200, {"gecko_says": "(V3) To the Moon!"})
+            return
+        parts = path.split("/")
+        if path == "/api/v3/coins/list":
+            with fake.stats.lock:
+                fake.stats.list_calls += 1
+            if self._fault(None):
+                return
+            self._send(200, fake.data.list_body())
+        elif len(parts) == 6 and parts[:4] == ["", "api", "v3", "coins"] and parts[5] == "tickers":
+            with fake.stats.lock:
+                fake.stats.ticker_calls += 1
+            self._tickers(unquote(parts[4]), query)
+        else:
+            self._json(404, {"error": "Not Found"})
+
+    def _rate_limited(self) -> None:
+        options = self.fake.options
+        if options.retry_after == "html":
+            body = b"<!DOCTYPE html><html><head><title>429 Too Many Requests</title></head>" \
+                   b"<body><h1>Error 1015</h1><p>You are being rate limited.</p></body></html>"
+            self._send(429, body, "text/html; charset=UTF-8")
+            return
+        headers = {"Retry-After": f"{options.retry_after_seconds:g}"} if options.retry_after == "json" else None
+        self._json(429, {"status": {"error_code": 429, "error_message": "You've exceeded the Rate Limit."}}, headers)
+
+    def _fault(self, page_key: tuple[str, int] | None) -> bool:
+        """Answer with an injected fault, if one is drawn; True if it did."""
+        fake = self.fake
+        kind = fake.draw_fault()
+        if kind is None:
+            return False
+        with fake.stats.lock:
+            fake.stats.faults[kind] += 1
+        if kind in ("500", "502", "503"):
+            self._json(int(kind), {"error": "upstream trouble"})
+        elif kind == "html":
+            self._send(503, b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>", "text/html")
+        elif kind == "drop":
+            self._drop()
+        elif kind == "truncate":
+            body = b'{"name": "cut", "tickers": [' + b'{"market": {"identifier": "x"}},' * 20 + b"{}]}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self._drop()
+        elif kind == "badjson":
+            self._send(200, b'{"name": "cut", "tickers": [{"market": ')
+        elif kind == "slow":
+            time.sleep(fake.options.slow_seconds)
+            return False if page_key is None else self._serve_late(page_key)
+        return True
+
+    def _serve_late(self, page_key: tuple[str, int]) -> bool:
+        """A slow answer still arrives, after the client gave up: it is not a successful page."""
+        coin_id, page = page_key
+        try:
+            self._json(200, {"name": coin_id, "tickers": []})
+        except OSError:
+            pass
+        return True
+
+    def _tickers(self, coin_id: str, query: dict[str, list[str]]) -> None:
+        fake = self.fake
+        if coin_id not in fake.data.ticker_counts:
+            self._json(404, {"error": "coin not found"})
+            return
+        try:
+            page = max(1, int(query.get("page", ["1"])[0]))
+        except ValueError:
+            page = 1
+        if self._fault((coin_id, page)):
+            return
+        tickers = fake.data.tickers(coin_id)
+        headers = {} if fake.options.omit_total else {"total": str(len(tickers)), "per-page": str(PER_PAGE)}
+        chunk = tickers[(page - 1) * PER_PAGE: page * PER_PAGE]
+        self._json(200, {"name": coin_id.title(), "tickers": chunk}, headers)
+        with fake.stats.lock:
+            fake.stats.page_successes[(coin_id, page)] += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A CoinGecko look-alike for tests and demos.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8900)
+    parser.add_argument("--coins", type=int, default=200, help="generated coins besides the special ones")
+    parser.add_argument("--rate-limit", type=int, default=0, help="calls a minute before 429 (0: none)")
+    parser.add_argument("--retry-after", choices=RETRY_AFTER_MODES, default="json")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of calls answered with a fault")
+    parser.add_argument("--api-key", default=None, help="require this key in --key-header")
+    parser.add_argument("--key-header", default="x-cg-demo-api-key")
+    parser.add_argument("--omit-total", action="store_true", help="leave out the total header")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = FakeOptions(
+        rate_limit=args.rate_limit, retry_after=args.retry_after, latency=args.latency, fault_rate=args.fault_rate,
+        api_key=args.api_key, key_header=args.key_header, omit_total=args.omit_total,
+    )
+    fake = FakeCoinGecko(options, FakeData(args.coins), host=args.host, port=args.port)
+    log.info("fake CoinGecko at %s (%d coins)", fake.url, len(fake.data.ticker_counts))
+    try:
+        fake.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

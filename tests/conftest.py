@@ -1,0 +1,58 @@
+"""Shared fixtures: the fake CoinGecko on a thread, both stores, and apps wired to them."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import Config, create_app
+from coingecko_client import CoinGeckoClient
+from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
+from store import MemoryStore, SqliteStore
+from worker import Worker
+
+UNLIMITED = 1_000_000
+
+
+def fast_client(url: str, **overrides) -> CoinGeckoClient:
+    """A real client with no pacing to speak of and millisecond backoffs."""
+    settings = {"rate_limit": UNLIMITED, "backoff": 0.001, "max_backoff": 0.01, "timeout": 2.0} | overrides
+    return CoinGeckoClient(url, **settings)
+
+
+@pytest.fixture
+def fake():
+    with FakeCoinGecko(FakeOptions(), FakeData(coins=200)) as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    opened = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "coins.db"))
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def make_app(store, fake):
+    """Build an app on ``store`` and ``fake``; its worker runs only when a test drains it."""
+    workers = []
+
+    def make(start_worker: bool = False, client: CoinGeckoClient | None = None, **config):
+        worker = Worker(store, client or fast_client(fake.url), pause_seconds=0.05)
+        workers.append(worker)
+        app = create_app(Config(api_url=fake.url, **config), store=store, worker=worker, start_worker=start_worker)
+        app.testing = True
+        return app
+
+    yield make
+    for worker in workers:
+        worker.stop()
+
+
+def drain(app) -> int:
+    """Run the app's worker in this thread until the queue is empty; returns coins processed."""
+    worker = app.extensions["coin_retriever"].worker
+    processed = 0
+    while worker.process_next():
+        processed += 1
+    return processed

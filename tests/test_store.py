@@ -1,0 +1,252 @@
+"""Both stores through one interface: numbering, the queue, batches, clearing."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from store import (
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    BatchClosed,
+    BatchNotFound,
+    Outcome,
+    SqliteStore,
+    StoreError,
+    malformed_reason,
+)
+
+
+def run_all(store, exchanges_of=lambda coin: [f"{coin}-ex"]) -> list[str]:
+    """Claim and finish every queued coin as done; returns them in claim order."""
+    order = []
+    while (claim := store.claim_next()) is not None:
+        order.append(claim.coin_id)
+        assert store.finish(claim, Outcome.done(exchanges_of(claim.coin_id)))
+    return order
+
+
+def test_every_entry_takes_a_number_and_a_coin_keeps_its_first(store):
+    first = store.submit(["a", "b", "nope", "c"])
+    second = store.submit(["b", "d", "d", "bad/id"])
+
+    assert first.task_runs == {"a": 1, "b": 2, "nope": 3, "c": 4}
+    assert first.queued == ["a", "b", "nope", "c"]
+    assert second.task_runs == {"b": 2, "d": 6, "bad/id": 8}
+    assert second.queued == ["d"]
+    assert second.duplicates == ["b", "d"]
+    assert second.invalid == ["bad/id"]
+    assert store.submit(["e"]).task_runs == {"e": 9}
+
+
+def test_queue_runs_in_task_run_order(store):
+    store.submit(["c", "a"])
+    store.submit(["b"])
+    assert run_all(store) == ["c", "a", "b"]
+    assert [(r.id, r.task_run, r.exchanges) for r in store.done_records()] == [
+        ("c", 1, ("c-ex",)), ("a", 2, ("a-ex",)), ("b", 3, ("b-ex",))
+    ]
+
+
+def test_done_records_since_and_out_of_order_finishes(store):
+    store.submit(["a", "b", "c"])
+    claims = [store.claim_next() for _ in range(3)]
+    for claim in reversed(claims):
+        store.finish(claim, Outcome.done(["x", "x", "a"]))
+    assert [r.task_run for r in store.done_records()] == [1, 2, 3]
+    assert [r.id for r in store.done_records(since=1)] == ["b", "c"]
+    assert store.done_records(since=3) == []
+    assert store.record("a").exchanges == ("a", "x")
+
+
+def test_failed_coin_is_queued_again_under_its_number(store):
+    store.submit(["a", "b"])
+    claim = store.claim_next()
+    store.finish(claim, Outcome.failed("HTTP 503 (gave up after 5 attempts)"))
+    assert store.record("a").status == FAILED
+    assert store.record("a").error == "HTTP 503 (gave up after 5 attempts)"
+
+    again = store.submit(["a"])
+
+    assert again.queued == ["a"] and again.task_runs == {"a": 1} and again.duplicates == []
+    assert store.record("a").status == QUEUED
+    assert store.claim_next().coin_id == "a"
+
+
+def test_invalid_and_done_coins_are_duplicates(store):
+    store.submit(["a", "b"])
+    store.finish(store.claim_next(), Outcome.invalid("not a CoinGecko coin ID"))
+    store.finish(store.claim_next(), Outcome.done([]))
+    result = store.submit(["a", "b"])
+    assert result.duplicates == ["a", "b"] and result.queued == []
+
+
+def test_malformed_ids():
+    assert malformed_reason("bitcoin") is None
+    assert malformed_reason("0-5x-long-algorand-token") is None
+    assert malformed_reason("bücoin") is None
+    assert malformed_reason("x" * 200) is None
+    assert malformed_reason("x" * 201) == "longer than 200 characters"
+    for bad in ["a b", "a\tb", "a\u00a0b", "a/b", "a\\b", "a?b", "a#b", "a%20b", "a\x00b", "a\x7fb", "a\u200bb"]:
+        assert malformed_reason(bad) is not None, bad
+
+
+def test_malformed_entries_are_never_queued(store):
+    result = store.submit(["ok", "a/b", "y" * 5000])
+    assert result.invalid == ["a/b", "y" * 210 + "…"]
+    assert result.task_runs == {"ok": 1, "a/b": 2, "y" * 210 + "…": 3}
+    assert run_all(store) == ["ok"]
+    assert store.record("a/b") is None
+
+
+def test_unknown_or_closed_batch_changes_nothing(store):
+    opened = store.submit(["a"], close=True)
+    version = store.listing_version()
+    with pytest.raises(BatchNotFound):
+        store.submit(["b"], batch_id="nope")
+    with pytest.raises(BatchClosed):
+        store.submit(["c"], batch_id=opened.batch)
+    assert store.record("b") is None and store.record("c") is None
+    assert store.listing_version() == version
+    assert store.submit(["d"]).task_runs == {"d": 2}
+
+
+def test_batch_counts_add_up_at_every_step(store):
+    first = store.submit(["a", "b", "a", "bad/x"])
+    store.submit(["c", "b"], batch_id=first.batch)
+    store.submit(["z"])
+
+    def counts():
+        summary = store.batch(first.batch)
+        c = summary.counts
+        assert c["submitted"] == sum(c[k] for k in ("queued", "running", "done", "invalid", "failed", "duplicates"))
+        return {k: v for k, v in c.items() if v}, summary.complete
+
+    assert counts() == ({"submitted": 6, "queued": 3, "invalid": 1, "duplicates": 2}, False)
+    claim = store.claim_next()
+    assert counts() == ({"submitted": 6, "queued": 2, "running": 1, "invalid": 1, "duplicates": 2}, False)
+    store.finish(claim, Outcome.done([]))
+    store.finish(store.claim_next(), Outcome.failed("boom"))
+    store.submit([], batch_id=first.batch, close=True)
+    assert counts() == ({"submitted": 6, "queued": 1, "done": 1, "failed": 1, "invalid": 1, "duplicates": 2}, False)
+    assert store.batch(first.batch).last_queued_task_run == 5
+    store.finish(store.claim_next(), Outcome.invalid("unknown"))
+    assert counts() == ({"submitted": 6, "done": 1, "failed": 1, "invalid": 2, "duplicates": 2}, True)
+
+
+def test_batch_filter_lists_a_batchs_done_coins(store):
+    first = store.submit(["a", "b"])
+    second = store.submit(["b", "c"])
+    run_all(store)
+    assert [r.id for r in store.done_records(batch_id=first.batch)] == ["a", "b"]
+    assert [r.id for r in store.done_records(batch_id=second.batch)] == ["b", "c"]
+    assert [r.id for r in store.done_records(since=2, batch_id=second.batch)] == ["c"]
+    with pytest.raises(BatchNotFound):
+        store.done_records(batch_id="nope")
+
+
+def test_delete_batch_cancels_only_its_unwanted_queued_coins(store):
+    first = store.submit(["a", "b", "c", "d"])
+    store.submit(["c"])
+    running = store.claim_next()
+    assert running.coin_id == "a"
+
+    assert store.delete_batch(first.batch) == ["b", "d"]
+
+    assert store.batch(first.batch) is None
+    assert store.record("b") is None and store.record("d") is None
+    assert store.record("a").status == RUNNING
+    assert store.finish(running, Outcome.done([]))
+    assert run_all(store) == ["c"]
+    with pytest.raises(BatchNotFound):
+        store.delete_batch(first.batch)
+
+
+def test_clear_forgets_everything_and_drops_claims_in_flight(store):
+    store.submit(["a", "b"])
+    claim = store.claim_next()
+
+    assert store.clear() == 2
+
+    assert store.finish(claim, Outcome.done(["x"])) is False
+    assert store.record("a") is None and store.done_records() == [] and store.batches() == []
+    assert store.status_counts() == dict.fromkeys(["queued", "running", "done", "invalid", "failed"], 0)
+    assert store.submit(["c"]).task_runs == {"c": 1}
+    store.release(claim)
+    assert run_all(store) == ["c"]
+
+
+def test_release_puts_a_coin_back_in_order(store):
+    store.submit(["a", "b"])
+    claim = store.claim_next()
+    store.release(claim)
+    assert store.record("a").status == QUEUED
+    assert run_all(store) == ["a", "b"]
+
+
+def test_listing_version_moves_when_the_listing_can_change(store):
+    versions = [store.listing_version()]
+    store.submit(["a"])
+    versions.append(store.listing_version())
+    claim = store.claim_next()
+    assert store.listing_version() == versions[-1]
+    store.finish(claim, Outcome.done([]))
+    versions.append(store.listing_version())
+    store.clear()
+    versions.append(store.listing_version())
+    assert len(set(versions)) == 4
+
+
+def test_counts_and_queue_position(store):
+    store.submit(["a", "b", "c"])
+    store.finish(store.claim_next(), Outcome.done([]))
+    assert store.status_counts() == {"queued": 2, "running": 0, "done": 1, "invalid": 0, "failed": 0}
+    assert store.queued_up_to(2) == 1
+    assert store.queued_up_to(3) == 2
+
+
+# -- SQLite only ------------------------------------------------------------------------------
+
+
+def test_sqlite_reopens_with_everything_and_requeues_running(tmp_path):
+    path = str(tmp_path / "coins.db")
+    store = SqliteStore(path)
+    batch = store.submit(["a", "b", "c"], close=True).batch
+    store.finish(store.claim_next(), Outcome.done(["x"]))
+    store.claim_next()
+    store.close()
+
+    store = SqliteStore(path)
+    assert store.record("a").status == DONE and store.record("a").exchanges == ("x",)
+    assert store.record("b").status == QUEUED
+    assert store.batch(batch).closed
+    assert run_all(store) == ["b", "c"]
+    assert store.submit(["d"]).task_runs == {"d": 4}
+    store.close()
+
+
+def test_sqlite_refuses_a_second_owner(tmp_path):
+    path = str(tmp_path / "coins.db")
+    first = SqliteStore(path)
+    with pytest.raises(StoreError, match="another process"):
+        SqliteStore(path)
+    first.close()
+    SqliteStore(path).close()
+
+
+def test_sqlite_refuses_a_file_from_a_newer_release(tmp_path):
+    path = str(tmp_path / "coins.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        SqliteStore(path)
+
+
+def test_sqlite_uses_wal(tmp_path):
+    store = SqliteStore(str(tmp_path / "coins.db"))
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()

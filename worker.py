@@ -1,0 +1,203 @@
+"""The background worker: threads that take queued coins in taskRun order and retrieve them.
+
+The queue itself lives in the store (so that an SQLite store can resume it after
+a restart); the worker owns the threads, the wake-up signal and the pause.
+Each thread takes one coin at a time and fetches all of its pages, so a coin
+is stored whole or not at all; ``concurrency`` threads share the client's one
+rate limiter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from coingecko_client import CoinGeckoClient, CoinGeckoError, CoinNotFound, Stopped, UpstreamUnavailable
+from store import Claim, Outcome, Store
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        client: CoinGeckoClient,
+        *,
+        concurrency: int = 1,
+        pause_seconds: float = 60.0,
+        progress_interval: float = 30.0,
+        check_list: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.concurrency = concurrency
+        self.pause_seconds = pause_seconds
+        self.progress_interval = progress_interval
+        self.check_list = check_list
+        self._clock = clock
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._signals = 0
+        self._pause_lock = threading.Lock()
+        self._paused_until = 0.0
+        self._pause_reason: str | None = None
+        self._threads: list[threading.Thread] = []
+        self._stats_lock = threading.Lock()
+        self._finished = 0
+        self._calls_for_finished = 0
+        self._started_at = clock()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._run, name=f"coin-worker-{i + 1}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        self._threads.append(threading.Thread(target=self._report_progress, name="coin-progress", daemon=True))
+        for thread in self._threads:
+            thread.start()
+        log.info("worker started: %d thread(s)", self.concurrency)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.client.close()
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def notify(self) -> None:
+        """Wake idle threads: coins were queued."""
+        with self._wake:
+            self._signals += 1
+            self._wake.notify_all()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stop.is_set()
+
+    def pause_reason(self) -> str | None:
+        with self._pause_lock:
+            return self._pause_reason if self._clock() < self._paused_until else None
+
+    def state(self) -> dict:
+        reason = self.pause_reason()
+        if not self.alive:
+            name = "stopped"
+        elif reason:
+            name = "paused"
+        else:
+            name = "running"
+        return {"state": name, "threads": self.concurrency, **({"reason": reason} if reason else {})}
+
+    def calls_per_coin(self) -> float:
+        with self._stats_lock:
+            return self._calls_for_finished / self._finished if self._finished else 1.0
+
+    def calls_per_second(self) -> float:
+        """The measured call rate over the last minute, or the configured pace before any call."""
+        stats = self.client.stats()
+        elapsed = min(60.0, self._clock() - self._started_at)
+        if stats["calls_last_minute"] and elapsed > 0:
+            return stats["calls_last_minute"] / max(elapsed, self.client.limiter.interval)
+        return 1.0 / self.client.limiter.interval
+
+    def eta_seconds(self, coins_ahead: int) -> float:
+        """Seconds until ``coins_ahead`` more coins are finished at the measured pace."""
+        return round(coins_ahead * self.calls_per_coin() / self.calls_per_second(), 1)
+
+    # -- the work ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._wait_while_paused():
+                    continue
+                with self._wake:
+                    seen = self._signals
+                if not self.process_next():
+                    with self._wake:
+                        self._wake.wait_for(lambda: self._signals != seen or self._stop.is_set())
+            except Exception:
+                log.exception("worker thread error; going on in a second")
+                self._stop.wait(1.0)
+
+    def _wait_while_paused(self) -> bool:
+        """Sleep out a pause; True if the thread slept (and should look again)."""
+        with self._pause_lock:
+            remaining = self._paused_until - self._clock()
+        if remaining <= 0:
+            return False
+        self._stop.wait(remaining)
+        return True
+
+    def process_next(self) -> bool:
+        """Retrieve the next queued coin and record its outcome; False if the queue is empty."""
+        claim = self.store.claim_next()
+        if claim is None:
+            return False
+        started = self._clock()
+        calls_before = self.client.calls_by_this_thread()
+        try:
+            outcome, pages = self._retrieve(claim)
+        except UpstreamUnavailable as exc:
+            self.store.release(claim)
+            self._pause(str(exc))
+            return True
+        except Stopped:
+            self.store.release(claim)
+            return True
+        calls = self.client.calls_by_this_thread() - calls_before
+        if not self.store.finish(claim, outcome):
+            log.info("coin %s: dropped, the store was cleared while it was fetched", claim.coin_id)
+            return True
+        with self._stats_lock:
+            self._finished += 1
+            self._calls_for_finished += calls
+        seconds = self._clock() - started
+        if outcome.status == "done":
+            log.info("coin %s done: %d exchanges, %d pages, %d calls, %.1fs",
+                     claim.coin_id, len(outcome.exchanges), pages, calls, seconds)
+        else:
+            log.info("coin %s %s: %s (%d calls, %.1fs)", claim.coin_id, outcome.status, outcome.error, calls, seconds)
+        return True
+
+    def _retrieve(self, claim: Claim) -> tuple[Outcome, int]:
+        """The outcome of one coin; every error but a pause or a stop is the coin's outcome."""
+        try:
+            if self.check_list and self.client.is_listed(claim.coin_id) is False:
+                return Outcome.invalid("not a CoinGecko coin ID (absent from coins/list)"), 0
+            retrieval = self.client.fetch_exchanges(claim.coin_id)
+            return Outcome.done(retrieval.exchanges), retrieval.pages
+        except CoinNotFound:
+            return Outcome.invalid("not a CoinGecko coin ID (tickers answered 404)"), 0
+        except (UpstreamUnavailable, Stopped):
+            raise
+        except CoinGeckoError as exc:
+            return Outcome.failed(str(exc)), 0
+        except Exception as exc:
+            log.exception("coin %s: unexpected error", claim.coin_id)
+            return Outcome.failed(f"internal error: {type(exc).__name__}"), 0
+
+    def _pause(self, reason: str) -> None:
+        with self._pause_lock:
+            self._paused_until = self._clock() + self.pause_seconds
+            self._pause_reason = reason
+        log.error("worker paused for %.0fs: %s; the queue is kept", self.pause_seconds, reason)
+
+    def _report_progress(self) -> None:
+        while not self._stop.wait(self.progress_interval):
+            counts = self.store.status_counts()
+            remaining = counts["queued"] + counts["running"]
+            if remaining:
+                log.info(
+                    "progress: %d done, %d remaining, %d calls in the last minute, ETA %.0fs",
+                    counts["done"], remaining, self.client.stats()["calls_last_minute"], self.eta_seconds(remaining),
+                )

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from store import (
     BatchSummary,
     CoinRecord,
     Store,
+    StoreError,
     open_store,
 )
 from worker import Worker
@@ -37,6 +39,7 @@ MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_ENTRIES = 50_000
 SUPPORTED_TYPES = ("application/json", "text/csv", "text/plain")
 CSV_HEADERS = ("coins", "id")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no", "")
 
 
@@ -180,7 +183,8 @@ def _decode_body(data: bytes) -> str:
     try:
         return data.decode(charset)
     except UnicodeDecodeError as exc:
-        raise ApiError(400, f"the body is not valid {charset.removesuffix('-sig')} (byte {exc.start}): send UTF-8") from None
+        name = charset.removesuffix("-sig")
+        raise ApiError(400, f"the body is not valid {name} (byte {exc.start}): send UTF-8") from None
 
 
 def _query_batch() -> str | None:
@@ -326,7 +330,7 @@ def create_app(
 ) -> Flask:
     """Build the service; pass ``store``, ``client`` or ``worker`` to use your own."""
     config = config or Config.from_env()
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
     store = store or open_store(config.db_path)
     if worker is None:
         worker = Worker(
@@ -503,8 +507,13 @@ def _since() -> int:
 
 
 def main() -> None:
-    config = Config.from_env()
-    app = create_app(config)
+    try:
+        config = Config.from_env()
+        app = create_app(config)
+    except (ConfigError, StoreError) as exc:
+        logging.basicConfig(format=LOG_FORMAT)
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
     app.run(host=config.host, port=config.port, debug=False, use_reloader=False, threaded=True)
 
 

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -227,7 +227,7 @@ class CoinGeckoClient:
 
     # -- one call ---------------------------------------------------------------------------
 
-    def _get(self, path: str, params: dict | None = None) -> tuple[object, requests.structures.CaseInsensitiveDict, int]:
+    def _get(self, path: str, params: dict | None = None) -> tuple[object, Mapping[str, str], int]:
         """GET ``path`` until it answers 200 with JSON; returns (body, headers, calls made).
 
         Raises CoinNotFound on 404, UpstreamUnavailable on 401/403, CoinFetchError
@@ -337,7 +337,9 @@ class CoinGeckoClient:
             if not isinstance(body, list):
                 self._list_failed_at = now
                 return None
-            self._listed = frozenset(item["id"] for item in body if isinstance(item, dict) and isinstance(item.get("id"), str))
+            self._listed = frozenset(
+                item["id"] for item in body if isinstance(item, dict) and isinstance(item.get("id"), str)
+            )
             self._listed_at = self._clock()
             log.info("coins/list: %d coins", len(self._listed))
             return coin_id in self._listed

@@ -12,6 +12,7 @@ an API-key check, and latency. ``GET /_fake/stats`` tells what it served;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -91,7 +92,11 @@ def _ticker(coin_id: str, offset: int, j: int) -> dict:
     return {
         "base": coin_id[:6].upper(),
         "target": ("USDT", "USD", "BTC", "ETH")[j % 4],
-        "market": {"name": f"Exchange {exchange}", "identifier": f"exchange-{exchange:03d}", "has_trading_incentive": False},
+        "market": {
+            "name": f"Exchange {exchange}",
+            "identifier": f"exchange-{exchange:03d}",
+            "has_trading_incentive": False,
+        },
         "last": 1.0 + j,
         "volume": 1000.0 + j,
         "trust_score": "green",
@@ -103,6 +108,7 @@ def _ticker(coin_id: str, offset: int, j: int) -> dict:
 @dataclass
 class FakeOptions:
     rate_limit: int = 0
+    window_seconds: float = 60.0
     retry_after: str = "json"
     retry_after_seconds: float = 1.0
     latency: float = 0.0
@@ -189,7 +195,9 @@ class FakeCoinGecko:
         return f"http://127.0.0.1:{self.port}/api/v3"
 
     def start(self) -> FakeCoinGecko:
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-coingecko", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name="fake-coingecko", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -218,8 +226,12 @@ class FakeCoinGecko:
             return self._rng.choice(options.faults)
 
     def admit(self) -> bool:
-        """Count a call against the per-minute window; False if it is over the limit."""
-        limit = self.options.rate_limit
+        """Count a call against the sliding window; False if it is over the limit.
+
+        The window is a minute, as CoinGecko's; a shorter one (``rate_limit`` calls
+        per ``window_seconds``) lets a test exercise the limit in seconds.
+        """
+        limit, window_seconds = self.options.rate_limit, self.options.window_seconds
         now = time.monotonic()
         with self.stats.lock:
             self.stats.calls += 1
@@ -227,7 +239,7 @@ class FakeCoinGecko:
             if not limit:
                 return True
             window = self.stats.window
-            while window and window[0] <= now - 60.0:
+            while window and window[0] <= now - window_seconds:
                 window.popleft()
             if len(window) >= limit:
                 self.stats.rate_limited += 1
@@ -271,10 +283,8 @@ class _FakeHandler(BaseHTTPRequestHandler):
 
     def _drop(self) -> None:
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -390,10 +400,8 @@ class _FakeHandler(BaseHTTPRequestHandler):
     def _serve_late(self, page_key: tuple[str, int]) -> bool:
         """A slow answer still arrives, after the client gave up: it is not a successful page."""
         coin_id, page = page_key
-        try:
+        with contextlib.suppress(OSError):
             self._json(200, {"name": coin_id, "tickers": []})
-        except OSError:
-            pass
         return True
 
     def _tickers(self, coin_id: str, query: dict[str, list[str]]) -> None:
@@ -435,10 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     fake = FakeCoinGecko(options, FakeData(args.coins), host=args.host, port=args.port)
     log.info("fake CoinGecko at %s (%d coins)", fake.url, len(fake.data.ticker_counts))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         fake.server.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

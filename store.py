@@ -281,6 +281,7 @@ class Store(ABC):
     def clear(self) -> int:
         """Forget everything, the queue and the taskRun counter included; returns the coins dropped."""
 
+    @abstractmethod
     def close(self) -> None:
         """Release what the store holds open."""
 
@@ -309,7 +310,8 @@ class MemoryStore(Store):
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
         with self._lock:
             batch = self._open_batch(batch_id)
-            plan = plan_submission(batch.id if batch else new_batch_id(), coin_ids, self._next_task_run, self._coins.get)
+            batch_id = batch.id if batch else new_batch_id()
+            plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins.get)
             if batch is None:
                 batch = self._batches[plan.result.batch] = _MemoryBatch(plan.result.batch, self._clock())
             for coin_id, task_run in plan.new_coins:
@@ -356,7 +358,9 @@ class MemoryStore(Store):
             if record is None:
                 return False
             exchanges = outcome.exchanges if outcome.status == DONE else None
-            self._coins[claim.coin_id] = CoinRecord(claim.coin_id, record.task_run, outcome.status, exchanges, outcome.error)
+            self._coins[claim.coin_id] = CoinRecord(
+                claim.coin_id, record.task_run, outcome.status, exchanges, outcome.error
+            )
             if outcome.status == DONE:
                 bisect.insort(self._done_runs, record.task_run)
                 self._done_by_run[record.task_run] = claim.coin_id
@@ -438,6 +442,9 @@ class MemoryStore(Store):
             dropped = len(self._coins)
             self._reset()
             return dropped
+
+    def close(self) -> None:
+        """Nothing to release: the records go with the process."""
 
 
 @dataclass
@@ -567,7 +574,8 @@ class SqliteStore(Store):
                 [(coin_id, task_run, QUEUED) for coin_id, task_run in plan.new_coins],
             )
             conn.executemany(
-                "UPDATE coins SET status = ?, error = NULL WHERE id = ?", [(QUEUED, coin_id) for coin_id in plan.retried]
+                "UPDATE coins SET status = ?, error = NULL WHERE id = ?",
+                [(QUEUED, coin_id) for coin_id in plan.retried],
             )
             first = conn.execute(
                 "SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = ?", (batch_id,)
@@ -608,7 +616,9 @@ class SqliteStore(Store):
     def release(self, claim: Claim) -> None:
         with self._lock, self._transaction() as conn:
             if claim.generation == self._generation:
-                conn.execute("UPDATE coins SET status = ? WHERE id = ? AND status = ?", (QUEUED, claim.coin_id, RUNNING))
+                conn.execute(
+                    "UPDATE coins SET status = ? WHERE id = ? AND status = ?", (QUEUED, claim.coin_id, RUNNING)
+                )
 
     def record(self, coin_id: str) -> CoinRecord | None:
         with self._lock:
@@ -662,7 +672,9 @@ class SqliteStore(Store):
             statuses = {coin_id: status for coin_id, _, _, status in rows}
             entries = [BatchEntry(coin_id, task_run, kind) for coin_id, task_run, kind, _ in rows]
             counted = tally(entries, statuses.get)
-            summaries.append(BatchSummary(batch_id, created, bool(closed), counted.counts, counted.last_queued_task_run))
+            summaries.append(
+                BatchSummary(batch_id, created, bool(closed), counted.counts, counted.last_queued_task_run)
+            )
         return summaries
 
     def batch(self, batch_id: str) -> BatchSummary | None:

@@ -46,6 +46,7 @@ class Worker:
         self._paused_until = 0.0
         self._pause_reason: str | None = None
         self._threads: list[threading.Thread] = []
+        self._idle_at: list[int | None] = [None] * concurrency
         self._stats_lock = threading.Lock()
         self._finished = 0
         self._calls_for_finished = 0
@@ -55,7 +56,7 @@ class Worker:
 
     def start(self) -> None:
         self._threads = [
-            threading.Thread(target=self._run, name=f"coin-worker-{i + 1}", daemon=True)
+            threading.Thread(target=self._run, args=(i,), name=f"coin-worker-{i + 1}", daemon=True)
             for i in range(self.concurrency)
         ]
         self._threads.append(threading.Thread(target=self._report_progress, name="coin-progress", daemon=True))
@@ -76,6 +77,11 @@ class Worker:
         with self._wake:
             self._signals += 1
             self._wake.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every thread has found the queue empty since the last ``notify``."""
+        with self._wake:
+            return self._wake.wait_for(lambda: all(seen == self._signals for seen in self._idle_at), timeout)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -115,19 +121,26 @@ class Worker:
 
     # -- the work ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         while not self._stop.is_set():
             try:
                 if self._wait_while_paused():
                     continue
                 with self._wake:
                     seen = self._signals
+                    self._idle_at[index] = None
                 if not self.process_next():
-                    with self._wake:
-                        self._wake.wait_for(lambda: self._signals != seen or self._stop.is_set())
+                    self._idle_until_signalled(index, seen)
             except Exception:
                 log.exception("worker thread error; going on in a second")
                 self._stop.wait(1.0)
+
+    def _idle_until_signalled(self, index: int, seen: int) -> None:
+        """Mark this thread idle and sleep until ``notify`` (or ``stop``) after signal ``seen``."""
+        with self._wake:
+            self._idle_at[index] = seen
+            self._wake.notify_all()
+            self._wake.wait_for(lambda: self._signals != seen or self._stop.is_set())
 
     def _wait_while_paused(self) -> bool:
         """Sleep out a pause; True if the thread slept (and should look again)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import drain
 
 
@@ -62,7 +61,8 @@ def test_every_body_format(http, body, content_type):
 
 def test_task_runs_across_posts_with_repeats_unknown_and_malformed(app, http, fake):
     first = post_json(http, {"coins": ["Bitcoin", "nope-not-a-coin", "bitcoin", "zero-tickers"]}).get_json()
-    second = http.post("/coins", data="ethereum\nBITCOIN\nbad/id\none-hundred-one", content_type="text/plain").get_json()
+    plain = "ethereum\nBITCOIN\nbad/id\none-hundred-one"
+    second = http.post("/coins", data=plain, content_type="text/plain").get_json()
     third = post_json(http, ["ethereum", "many-tickers"]).get_json()
 
     assert first["taskRuns"] == {"bitcoin": 1, "nope-not-a-coin": 2, "zero-tickers": 4}

@@ -55,7 +55,7 @@ def make_client(fake_time: FakeTime, **overrides) -> CoinGeckoClient:
 
 
 def tickers(count: int, start: int = 0) -> list[dict]:
-    return [{"base": "X", "target": "USD", "market": {"identifier": f"ex-{i % 37:02d}"}} for i in range(start, start + count)]
+    return [{"base": "X", "market": {"identifier": f"ex-{i % 37:02d}"}} for i in range(start, start + count)]
 
 
 def expected_exchanges(count: int) -> tuple[str, ...]:

@@ -1,0 +1,153 @@
+"""The worker: one coin's error never stops it, pauses keep the queue, threads wait on events."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from coingecko_client import CoinFetchError, CoinGeckoClient, CoinNotFound, Retrieval, UpstreamUnavailable
+from store import DONE, FAILED, INVALID, QUEUED, MemoryStore
+from worker import Worker
+
+
+class ScriptedClient(CoinGeckoClient):
+    """A client whose answers per coin are scripted: an exception to raise, or exchanges."""
+
+    def __init__(self, script: dict, listed: set[str] | None = None, **kwargs) -> None:
+        super().__init__("http://unused.test/api/v3", rate_limit=1_000_000, **kwargs)
+        self.script = script
+        self.listed = listed
+        self.fetched: list[str] = []
+
+    def is_listed(self, coin_id: str) -> bool | None:
+        return None if self.listed is None else coin_id in self.listed
+
+    def fetch_exchanges(self, coin_id: str) -> Retrieval:
+        self.fetched.append(coin_id)
+        self._count_call()
+        answer = self.script.get(coin_id, ["ex"])
+        if isinstance(answer, BaseException):
+            raise answer
+        if callable(answer):
+            return answer()
+        return Retrieval(tuple(answer), 1, 1)
+
+
+def make_worker(script, listed=None, **kwargs):
+    store = MemoryStore()
+    client = ScriptedClient(script, listed)
+    return store, client, Worker(store, client, pause_seconds=kwargs.pop("pause_seconds", 60.0), **kwargs)
+
+
+def test_an_exception_in_one_coin_fails_that_coin_only(caplog):
+    store, client, worker = make_worker({"boom": RuntimeError("kaput"), "flaky": CoinFetchError("HTTP 503 (gave up)")})
+    store.submit(["a", "boom", "flaky", "b"])
+
+    with caplog.at_level(logging.INFO):
+        while worker.process_next():
+            pass
+
+    assert [store.record(c).status for c in ("a", "boom", "flaky", "b")] == [DONE, FAILED, FAILED, DONE]
+    assert store.record("boom").error == "internal error: RuntimeError"
+    assert store.record("flaky").error == "HTTP 503 (gave up)"
+    assert "kaput" in caplog.text
+    assert "coin a done: 1 exchanges, 1 pages, 1 calls" in caplog.text
+
+
+def test_unknown_coins_cost_no_tickers_call():
+    store, client, worker = make_worker({"gone": CoinNotFound("404")}, listed={"a", "gone"})
+    store.submit(["a", "nope", "gone"])
+    while worker.process_next():
+        pass
+    assert client.fetched == ["a", "gone"]
+    assert store.record("nope").status == INVALID
+    assert store.record("nope").error == "not a CoinGecko coin ID (absent from coins/list)"
+    assert store.record("gone").error == "not a CoinGecko coin ID (tickers answered 404)"
+
+
+def test_upstream_unavailable_pauses_and_keeps_the_queue():
+    reason = "CoinGecko refused the request with HTTP 401: check COINGECKO_API_KEY and COINGECKO_PLAN"
+    store, client, worker = make_worker({"a": UpstreamUnavailable(reason)})
+    store.submit(["a", "b"])
+
+    assert worker.process_next()
+
+    assert store.record("a").status == QUEUED and store.record("b").status == QUEUED
+    assert worker.pause_reason() == reason
+    client.script.clear()
+    while worker.process_next():
+        pass
+    assert store.record("a").status == DONE
+
+
+def test_threads_pause_then_resume_on_their_own():
+    calls = {"n": 0}
+
+    def unauthorised_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise UpstreamUnavailable("HTTP 401")
+        return Retrieval(("ex",), 1, 1)
+
+    store, client, worker = make_worker({"a": unauthorised_once}, pause_seconds=0.2, concurrency=2)
+    store.submit(["a", "b", "c"])
+    worker.start()
+    try:
+        worker.notify()
+        assert worker.wait_idle(timeout=5.0)
+    finally:
+        worker.stop()
+    assert [store.record(c).status for c in "abc"] == [DONE, DONE, DONE]
+    assert calls["n"] == 2
+
+
+def test_started_worker_takes_coins_posted_later_and_stops_cleanly():
+    store, client, worker = make_worker({}, concurrency=3)
+    worker.start()
+    try:
+        assert worker.alive
+        assert worker.wait_idle(timeout=5.0)
+        store.submit([f"c{i}" for i in range(50)])
+        worker.notify()
+        assert worker.wait_idle(timeout=5.0)
+        assert store.status_counts()["done"] == 50
+        assert worker.state() == {"state": "running", "threads": 3}
+    finally:
+        worker.stop()
+    assert not worker.alive
+    assert worker.state()["state"] == "stopped"
+
+
+def test_a_fetch_in_flight_during_clear_is_dropped():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow():
+        entered.set()
+        release.wait(5.0)
+        return Retrieval(("old",), 1, 1)
+
+    store, client, worker = make_worker({"a": slow})
+    store.submit(["a"])
+    worker.start()
+    try:
+        worker.notify()
+        assert entered.wait(5.0)
+        store.clear()
+        store.submit(["z"])
+        release.set()
+        worker.notify()
+        assert worker.wait_idle(timeout=5.0)
+    finally:
+        worker.stop()
+    assert store.record("a") is None
+    assert store.record("z").status == DONE and store.record("z").task_run == 1
+
+
+def test_eta_uses_the_pace_before_any_call():
+    store = MemoryStore()
+    client = CoinGeckoClient("http://unused.test/api/v3", rate_limit=60)
+    worker = Worker(store, client)
+    assert worker.eta_seconds(4) == pytest.approx(4 * 1.01, abs=0.1)
+    assert worker.eta_seconds(0) == 0

@@ -506,15 +506,24 @@ def _since() -> int:
     return since
 
 
-def main() -> None:
+def serve(config: Config) -> None:
+    """Run the service with Werkzeug's threaded server: no debugger, no reloader (one worker)."""
     try:
-        config = Config.from_env()
         app = create_app(config)
-    except (ConfigError, StoreError) as exc:
-        logging.basicConfig(format=LOG_FORMAT)
+    except StoreError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
     app.run(host=config.host, port=config.port, debug=False, use_reloader=False, threaded=True)
+
+
+def main() -> None:
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        logging.basicConfig(format=LOG_FORMAT)
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
+    serve(config)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import drain
 
 
@@ -357,3 +358,46 @@ def test_healthz(make_app):
     assert running.status_code == 200
     body = running.get_json()
     assert body["status"] == "ok" and body["worker"]["state"] == "running" and body["queue"] == 0
+
+
+def test_three_posts_into_one_batch_count_right_at_every_step(app, http):
+    batch = post_json(http, {"coins": ["bitcoin", "ethereum", "bitcoin"]}).get_json()["batch"]
+    post_json(http, {"coins": ["not-a-coin", "tether", "bad/id"], "batch": batch})
+    post_json(http, {"coins": ["ethereum", "zero-tickers"], "batch": batch, "last": True})
+    worker = app.extensions["coin_retriever"].worker
+    keys = ("queued", "running", "done", "invalid", "failed", "duplicates")
+
+    seen = []
+    while True:
+        view = http.get(f"/batches/{batch}").get_json()
+        assert view["submitted"] == 8 == sum(view[k] for k in keys)
+        seen.append((view["done"], view["invalid"], view["complete"]))
+        if not worker.process_next():
+            break
+
+    assert seen == [(0, 1, False), (1, 1, False), (2, 1, False), (2, 2, False), (3, 2, False), (4, 2, True)]
+
+
+def test_an_unchanged_listing_is_not_rebuilt(make_app, store):
+    calls = []
+    original = store.done_records
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    store.done_records = counting
+    app = make_app()
+    http = app.test_client()
+    post_json(http, ["bitcoin", "ethereum"])
+    drain(app)
+
+    bodies = {http.get("/coins").data for _ in range(20)}
+    assert len(bodies) == 1 and len(calls) == 1
+    http.get("/coins?since=1")
+    http.get("/coins?since=1")
+    assert len(calls) == 2
+    post_json(http, ["tether"])
+    drain(app)
+    assert len(http.get("/coins").get_json()["coins"]) == 3
+    assert len(calls) == 3

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import requests
-from support import eventually, fake_process, service, wait_complete
 
 from fake_coingecko import FakeData
+from support import eventually, fake_process, service, wait_complete
 
 DATA = FakeData(coins=30)
 

@@ -151,3 +151,40 @@ def test_eta_uses_the_pace_before_any_call():
     worker = Worker(store, client)
     assert worker.eta_seconds(4) == pytest.approx(4 * 1.01, abs=0.1)
     assert worker.eta_seconds(0) == 0
+
+
+class _Signal(logging.Handler):
+    """Sets an event when a log line containing ``text`` arrives."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.lines.append(message)
+            self.seen.set()
+
+
+def test_progress_is_logged_while_work_remains(caplog):
+    caplog.set_level(logging.INFO, logger="worker")
+    release = threading.Event()
+    store, client, worker = make_worker({"a": lambda: (release.wait(5.0), Retrieval(("x",), 1, 1))[1]},
+                                        progress_interval=0.05)
+    signal = _Signal("progress:")
+    logging.getLogger("worker").addHandler(signal)
+    store.submit(["a", "b", "c"])
+    worker.start()
+    try:
+        worker.notify()
+        assert signal.seen.wait(5.0)
+        release.set()
+        assert worker.wait_idle(5.0)
+    finally:
+        worker.stop()
+        logging.getLogger("worker").removeHandler(signal)
+    assert signal.lines[0].startswith("progress: 0 done, 3 remaining, ")
+    assert "calls in the last minute, ETA " in signal.lines[0]

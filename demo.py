@@ -1,0 +1,51 @@
+"""An offline demo: ``python demo.py`` runs a fake CoinGecko and the service wired to it.
+
+No key and no network needed: the fake serves a deterministic data set on
+127.0.0.1:8900 and the service answers on 127.0.0.1:5000 (``PORT`` to change).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from app import Config, ConfigError, serve
+from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
+
+log = logging.getLogger("demo")
+
+TRY_THIS = """
+The coin retriever is answering on {url}, against a fake CoinGecko at {fake}.
+Try, from another terminal:
+
+  curl -s -X POST {url}/coins -H 'Content-Type: application/json' \\
+       -d '{{"coins": ["bitcoin", "Ethereum", "many-tickers", "zero-tickers", "not-a-coin"], "last": true}}'
+  curl -s {url}/batches
+  curl -s {url}/coins
+  curl -s {url}/coins/many-tickers
+  printf 'id\\ntether\\ncoin-00042\\n' | curl -s -X POST {url}/coins -H 'Content-Type: text/csv' --data-binary @-
+  curl -s {url}/healthz
+
+The fake paces nothing; the service keeps to {rate} calls a minute. Ctrl-C stops both.
+"""
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fake = FakeCoinGecko(FakeOptions(latency=0.05), FakeData(coins=200), port=int(os.environ.get("FAKE_PORT", 8900)))
+    fake.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COINGECKO_")}
+    env.update(COINGECKO_API_URL=fake.url, COINGECKO_RATE_LIMIT=os.environ.get("COINGECKO_RATE_LIMIT", "120"))
+    try:
+        config = Config.from_env(env)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
+    url = f"http://{config.host}:{config.port}"
+    log.info(TRY_THIS.format(url=url, fake=fake.url, rate=f"{config.rate_limit:g}"))
+    serve(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from coingecko_client import PLANS, CoinGeckoClient
@@ -342,7 +342,7 @@ def create_app(
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, COINS=config)
     app.extensions["coin_retriever"] = Services(store, worker, CoinListing(store))
-    app.register_blueprint(_routes())
+    app.register_blueprint(routes)
     _register_error_handlers(app)
     app.before_request(_require_token)
     if start_worker:
@@ -413,84 +413,87 @@ def _register_error_handlers(app: Flask) -> None:
         return jsonify(error="internal error; it has been logged"), 500
 
 
-def _routes():
-    from flask import Blueprint
+routes = Blueprint("coins", __name__)
 
-    routes = Blueprint("coins", __name__)
 
-    @routes.post("/coins")
-    def submit_coins():
-        submission = parse_submission()
-        svc = services()
-        result = svc.store.submit(submission.coin_ids, submission.batch, submission.last)
-        if result.queued:
-            svc.worker.notify()
-        body = {
-            "batch": result.batch,
-            "queued": result.queued,
-            "duplicates": result.duplicates,
-            "invalid": result.invalid,
-            "taskRuns": result.task_runs,
-        }
-        return jsonify(body), 202, {"Location": f"/batches/{result.batch}"}
+@routes.post("/coins")
+def submit_coins():
+    submission = parse_submission()
+    svc = services()
+    result = svc.store.submit(submission.coin_ids, submission.batch, submission.last)
+    if result.queued:
+        svc.worker.notify()
+    body = {
+        "batch": result.batch,
+        "queued": result.queued,
+        "duplicates": result.duplicates,
+        "invalid": result.invalid,
+        "taskRuns": result.task_runs,
+    }
+    return jsonify(body), 202, {"Location": f"/batches/{result.batch}"}
 
-    @routes.get("/coins")
-    def list_coins():
-        since = _since()
-        batch = _query_batch()
-        listing = services().listing
-        etag = listing.etag(since, batch)
-        if request.if_none_match.contains(etag.strip('"')) or request.if_none_match.star_tag:
-            return Response(status=304, headers={"ETag": etag})
-        body = listing.body(since, batch)
-        return Response(body, mimetype="application/json", headers={"ETag": etag})
 
-    @routes.delete("/coins")
-    def clear_coins():
-        dropped = services().store.clear()
-        log.info("DELETE /coins: %d coin(s) forgotten, counter reset", dropped)
-        return jsonify(deleted=dropped)
+@routes.get("/coins")
+def list_coins():
+    since = _since()
+    batch = _query_batch()
+    listing = services().listing
+    etag = listing.etag(since, batch)
+    if request.if_none_match.contains_weak(etag.strip('"')):
+        return Response(status=304, headers={"ETag": etag})
+    body = listing.body(since, batch)
+    return Response(body, mimetype="application/json", headers={"ETag": etag})
 
-    @routes.get("/coins/<path:coin_id>")
-    def get_coin(coin_id: str):
-        record = services().store.record(coin_id.strip().lower())
-        if record is None:
-            raise ApiError(404, f"coin {coin_id[:210]!r} was never submitted: POST it to /coins first")
-        return jsonify(coin_view(record))
 
-    @routes.get("/batches")
-    def list_batches():
-        svc = services()
-        return jsonify(batches=[batch_view(summary, svc.worker, svc.store) for summary in svc.store.batches()])
+@routes.delete("/coins")
+def clear_coins():
+    dropped = services().store.clear()
+    log.info("DELETE /coins: %d coin(s) forgotten, counter reset", dropped)
+    return jsonify(deleted=dropped)
 
-    @routes.get("/batches/<batch_id>")
-    def get_batch(batch_id: str):
-        svc = services()
-        summary = svc.store.batch(batch_id)
-        if summary is None:
-            raise BatchNotFound(batch_id)
-        return jsonify(batch_view(summary, svc.worker, svc.store))
 
-    @routes.delete("/batches/<batch_id>")
-    def delete_batch(batch_id: str):
-        cancelled = services().store.delete_batch(batch_id)
-        return jsonify(deleted=batch_id, cancelled=cancelled)
+@routes.get("/coins/<path:coin_id>")
+def get_coin(coin_id: str):
+    record = services().store.record(coin_id.strip().lower())
+    if record is None:
+        raise ApiError(404, f"coin {coin_id[:210]!r} was never submitted: POST it to /coins first")
+    return jsonify(coin_view(record))
 
-    @routes.get("/healthz")
-    def healthz():
-        svc = services()
-        state = svc.worker.state()
-        counts = svc.store.status_counts()
-        body = {
-            "status": "ok" if state["state"] == "running" else "unavailable",
-            "worker": state,
-            "queue": counts["queued"],
-            "coins": counts,
-            "upstream": svc.worker.client.stats(),
-        }
-        return jsonify(body), 200 if state["state"] == "running" else 503
 
-    return routes
+@routes.get("/batches")
+def list_batches():
+    svc = services()
+    return jsonify(batches=[batch_view(summary, svc.worker, svc.store) for summary in svc.store.batches()])
+
+
+@routes.get("/batches/<batch_id>")
+def get_batch(batch_id: str):
+    svc = services()
+    summary = svc.store.batch(batch_id)
+    if summary is None:
+        raise BatchNotFound(batch_id)
+    return jsonify(batch_view(summary, svc.worker, svc.store))
+
+
+@routes.delete("/batches/<batch_id>")
+def delete_batch(batch_id: str):
+    cancelled = services().store.delete_batch(batch_id)
+    return jsonify(deleted=batch_id, cancelled=cancelled)
+
+
+@routes.get("/healthz")
+def healthz():
+    svc = services()
+    state = svc.worker.state()
+    counts = svc.store.status_counts()
+    body = {
+        "status": "ok" if state["state"] == "running" else "unavailable",
+        "worker": state,
+        "queue": counts["queued"],
+        "coins": counts,
+        "upstream": svc.worker.client.stats(),
+    }
+    return jsonify(body), 200 if state["state"] == "running" else 503
 
 
 def _since() -> int:

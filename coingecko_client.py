@@ -219,6 +219,15 @@ class CoinGeckoClient:
         """Upstream calls the calling thread has made: what one coin cost, under concurrency."""
         return getattr(self._this_thread, "calls", 0)
 
+    def measured_rate(self) -> float | None:
+        """Calls a second over the calls of the last minute; None with fewer than two of them."""
+        now = self._clock()
+        with self._stats_lock:
+            recent = [t for t in self._call_times if t >= now - 60.0]
+        if len(recent) < 2 or recent[-1] <= recent[0]:
+            return None
+        return (len(recent) - 1) / (recent[-1] - recent[0])
+
     def stats(self) -> dict[str, float]:
         now = self._clock()
         with self._stats_lock:
@@ -309,6 +318,10 @@ class CoinGeckoClient:
             exchanges.update(_identifiers(tickers))
             if page == 1:
                 pages_needed = _pages_from_headers(headers)
+                if pages_needed is not None and pages_needed > self.max_pages:
+                    raise CoinFetchError(
+                        f"CoinGecko reports {headers.get('total')} tickers: more than {self.max_pages} pages"
+                    )
             if not tickers or (len(tickers) < PAGE_SIZE if pages_needed is None else page >= pages_needed):
                 return Retrieval(tuple(sorted(exchanges)), page, calls)
 

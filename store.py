@@ -24,7 +24,7 @@ import threading
 import time
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -196,21 +196,25 @@ def plan_submission(
     return plan
 
 
-def tally(entries: Sequence[BatchEntry], status_of: Callable[[str], str | None]) -> BatchCounts:
-    """Count a batch's entries so that the counts always add up to ``submitted``."""
+def tally(groups: Iterable[tuple[str, str | None, int, int]]) -> BatchCounts:
+    """Count a batch so that the counts always add up to ``submitted``.
+
+    ``groups`` are (entry kind, its coin's status, entries, highest taskRun among them):
+    one per entry will do, or one per kind and status, as SQL's GROUP BY gives them.
+    """
     counts = dict.fromkeys(("submitted", *STATUSES, "duplicates"), 0)
     last_queued = None
-    for entry in entries:
-        counts["submitted"] += 1
-        if entry.kind == DUPLICATE:
-            counts["duplicates"] += 1
-        elif entry.kind == MALFORMED:
-            counts[INVALID] += 1
+    for kind, status, number, highest_task_run in groups:
+        if kind == DUPLICATE:
+            key = "duplicates"
+        elif kind == MALFORMED:
+            key = INVALID
         else:
-            status = status_of(entry.coin_id) or INVALID
-            counts[status] += 1
-            if status == QUEUED:
-                last_queued = max(last_queued or 0, entry.task_run)
+            key = status or INVALID
+        counts["submitted"] += number
+        counts[key] += number
+        if key == QUEUED:
+            last_queued = max(last_queued or 0, highest_task_run)
     return BatchCounts(counts, last_queued)
 
 
@@ -410,7 +414,7 @@ class MemoryStore(Store):
             record = self._coins.get(coin_id)
             return record.status if record else None
 
-        counted = tally(batch.entries, status_of)
+        counted = tally((entry.kind, status_of(entry.coin_id), 1, entry.task_run) for entry in batch.entries)
         return BatchSummary(batch.id, batch.created, batch.closed, counted.counts, counted.last_queued_task_run)
 
     def batch(self, batch_id: str) -> BatchSummary | None:
@@ -664,14 +668,13 @@ class SqliteStore(Store):
         ).fetchall()
         summaries = []
         for batch_id, created, closed in batches:
-            rows = self._conn.execute(
-                "SELECT e.coin_id, e.task_run, e.kind, c.status FROM batch_entries e"
-                " LEFT JOIN coins c ON c.id = e.coin_id WHERE e.batch_id = ? ORDER BY e.position",
-                (batch_id,),
-            ).fetchall()
-            statuses = {coin_id: status for coin_id, _, _, status in rows}
-            entries = [BatchEntry(coin_id, task_run, kind) for coin_id, task_run, kind, _ in rows]
-            counted = tally(entries, statuses.get)
+            counted = tally(
+                self._conn.execute(
+                    "SELECT e.kind, c.status, COUNT(*), MAX(e.task_run) FROM batch_entries e"
+                    " LEFT JOIN coins c ON c.id = e.coin_id WHERE e.batch_id = ? GROUP BY e.kind, c.status",
+                    (batch_id,),
+                )
+            )
             summaries.append(
                 BatchSummary(batch_id, created, bool(closed), counted.counts, counted.last_queued_task_run)
             )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from coingecko_client import CoinGeckoClient, CoinGeckoError, CoinNotFound, Stopped, UpstreamUnavailable
-from store import Claim, Outcome, Store
+from store import DONE, Claim, Outcome, Store
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ class Worker:
         concurrency: int = 1,
         pause_seconds: float = 60.0,
         progress_interval: float = 30.0,
-        check_list: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -37,7 +36,6 @@ class Worker:
         self.concurrency = concurrency
         self.pause_seconds = pause_seconds
         self.progress_interval = progress_interval
-        self.check_list = check_list
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Condition()
@@ -50,7 +48,6 @@ class Worker:
         self._stats_lock = threading.Lock()
         self._finished = 0
         self._calls_for_finished = 0
-        self._started_at = clock()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -108,12 +105,8 @@ class Worker:
             return self._calls_for_finished / self._finished if self._finished else 1.0
 
     def calls_per_second(self) -> float:
-        """The measured call rate over the last minute, or the configured pace before any call."""
-        stats = self.client.stats()
-        elapsed = min(60.0, self._clock() - self._started_at)
-        if stats["calls_last_minute"] and elapsed > 0:
-            return stats["calls_last_minute"] / max(elapsed, self.client.limiter.interval)
-        return 1.0 / self.client.limiter.interval
+        """The call rate measured over the last minute, or the configured pace until there is one."""
+        return self.client.measured_rate() or 1.0 / self.client.limiter.interval
 
     def eta_seconds(self, coins_ahead: int) -> float:
         """Seconds until ``coins_ahead`` more coins are finished at the measured pace."""
@@ -175,7 +168,7 @@ class Worker:
             self._finished += 1
             self._calls_for_finished += calls
         seconds = self._clock() - started
-        if outcome.status == "done":
+        if outcome.status == DONE:
             log.info("coin %s done: %d exchanges, %d pages, %d calls, %.1fs",
                      claim.coin_id, len(outcome.exchanges), pages, calls, seconds)
         else:
@@ -185,7 +178,7 @@ class Worker:
     def _retrieve(self, claim: Claim) -> tuple[Outcome, int]:
         """The outcome of one coin; every error but a pause or a stop is the coin's outcome."""
         try:
-            if self.check_list and self.client.is_listed(claim.coin_id) is False:
+            if self.client.is_listed(claim.coin_id) is False:
                 return Outcome.invalid("not a CoinGecko coin ID (absent from coins/list)"), 0
             retrieval = self.client.fetch_exchanges(claim.coin_id)
             return Outcome.done(retrieval.exchanges), retrieval.pages

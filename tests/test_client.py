@@ -137,6 +137,16 @@ def test_hard_cap_on_pages(fake_time):
 
 
 @responses.activate
+def test_a_total_beyond_the_cap_fails_at_once(fake_time):
+    client = make_client(fake_time, max_pages=3)
+    responses.get(f"{API}/coins/coin/tickers", json={"tickers": tickers(100)}, headers={"total": "301"})
+
+    with pytest.raises(CoinFetchError, match="reports 301 tickers: more than 3 pages"):
+        client.fetch_exchanges("coin")
+    assert requested_pages() == ["1"]
+
+
+@responses.activate
 def test_tickers_without_a_market_identifier_are_skipped(client):
     body = {"tickers": [{"market": {"identifier": "binance"}}, {"market": {}}, {"market": None}, "junk",
                         {"market": {"identifier": "kraken"}}, {"market": {"identifier": "binance"}}]}
@@ -400,3 +410,18 @@ def test_coins_list_failure_falls_back_and_waits_before_trying_again(fake_time):
     assert client.is_listed("bitcoin") is None
     assert client.is_listed("ethereum") is None
     assert len(responses.calls) == 2
+
+
+@responses.activate
+def test_measured_rate_is_over_the_last_minute(client, fake_time):
+    responses.get(f"{API}/coins/coin/tickers", json={"tickers": []}, headers={"total": "0"})
+    assert client.measured_rate() is None
+
+    for _ in range(5):
+        client.fetch_exchanges("coin")
+
+    assert client.measured_rate() == pytest.approx(1 / 1.01)
+    assert client.stats() == {"calls": 5, "rate_limited": 0, "calls_last_minute": 5}
+    fake_time.now += 120
+    assert client.measured_rate() is None
+    assert client.stats()["calls_last_minute"] == 0

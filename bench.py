@@ -110,11 +110,15 @@ def measure_scale(store: str, coins: int, repeat: int, workdir: str) -> dict:
         etag = session.get(f"{svc.url}/coins").headers["ETag"]
         since = timed_gets(session, f"{svc.url}/coins?since={coins - 10}", repeat)
         not_modified = timed_gets(session, f"{svc.url}/coins", repeat, {"If-None-Match": etag})
+        rebuilt = []
+        for _ in range(max(5, repeat // 5)):
+            session.post(f"{svc.url}/coins", json=[ids[0]])
+            rebuilt += timed_gets(session, f"{svc.url}/coins", 1)
         size = len(session.get(f"{svc.url}/coins").content)
         rss = peak_rss_mb(svc.proc.pid)
     return {
         "store": store, "coins": coins, "post_ms": post_ms, "coins_per_s": coins / fill, "size": size,
-        "full": full, "since": since, "not_modified": not_modified, "rss": rss,
+        "full": full, "since": since, "not_modified": not_modified, "rebuilt": rebuilt, "rss": rss,
     }
 
 
@@ -145,6 +149,8 @@ def report(pacing: dict, scales: list[dict]) -> str:
             f"| {name}: GET /coins, {s['coins']:,} records ({s['size'] / 1e6:.1f} MB) | "
             f"p50 {percentile(s['full'], .5):.1f} ms, p95 {percentile(s['full'], .95):.1f} ms | p50 < 25 ms | "
             f"{ok(percentile(s['full'], .5) < 25)} |",
+            f"| {name}: GET /coins right after a change (body rebuilt) | p50 {percentile(s['rebuilt'], .5):.0f} ms, "
+            f"p95 {percentile(s['rebuilt'], .95):.0f} ms | | |",
             f"| {name}: GET /coins?since= (10 records) | p50 {percentile(s['since'], .5):.1f} ms, "
             f"p95 {percentile(s['since'], .95):.1f} ms | | |",
             f"| {name}: GET /coins → 304 | p50 {percentile(s['not_modified'], .5):.2f} ms, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -163,6 +164,28 @@ def test_body_over_5_mb_is_413(http):
     assert answer.status_code == 413
     assert "5 MB" in answer.get_json()["error"]
     assert_unchanged(http)
+
+
+# What a server does with a chunked body: no Content-Length, the stream read to its end.
+CHUNKED = {"wsgi.input_terminated": True}
+
+
+@pytest.mark.parametrize("size", [5 * 1024 * 1024 + 1, 6 * 1024 * 1024])
+def test_chunked_body_over_5_mb_is_413(http, size):
+    body = io.BytesIO(b"a" * size)
+    answer = http.post("/coins", input_stream=body, content_type="text/plain",
+                       environ_overrides=CHUNKED)
+
+    assert answer.status_code == 413
+    assert "5 MB" in answer.get_json()["error"]
+    assert_unchanged(http)
+
+
+def test_chunked_body_of_5_mb_is_read_whole(http):
+    body = b"bitcoin," + b" " * (5 * 1024 * 1024 - 16) + b",tether"
+    answer = http.post("/coins", input_stream=io.BytesIO(body), content_type="text/plain",
+                       environ_overrides=CHUNKED)
+    assert answer.get_json()["queued"] == ["bitcoin", "tether"]
 
 
 def test_more_than_50000_entries_is_413(http):

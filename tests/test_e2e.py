@@ -92,3 +92,21 @@ def test_a_wrong_base_url_pauses_the_worker_and_keeps_the_queue():
 def _unhealthy(url: str) -> dict | None:
     answer = requests.get(f"{url}/healthz", timeout=5)
     return answer.json() if answer.status_code == 503 else None
+
+
+def test_bodies_over_5_mb_are_refused_over_real_http_chunked_or_not():
+    def chunks(total: int, size: int = 1 << 16):
+        sent = 0
+        while sent < total:
+            yield b"a" * min(size, total - sent)
+            sent += size
+
+    with service("http://127.0.0.1:9/api/v3") as svc:
+        plain = {"Content-Type": "text/plain"}
+        sized = requests.post(f"{svc.url}/coins", data=b"a," * (3 * 1024 * 1024), headers=plain)
+        chunked = requests.post(f"{svc.url}/coins", data=chunks(6 * 1024 * 1024), headers=plain)
+        small = requests.post(f"{svc.url}/coins", data=iter([b"bitcoin,", b"ethereum"]), headers=plain)
+
+    assert (sized.status_code, chunked.status_code) == (413, 413)
+    assert "5 MB" in sized.json()["error"] and "5 MB" in chunked.json()["error"]
+    assert small.json()["taskRuns"] == {"bitcoin": 1, "ethereum": 2}

@@ -63,7 +63,7 @@ class Config:
     api_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     max_attempts: int = 5
-    pause_seconds: float = 60.0
+    pause_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

@@ -116,6 +116,10 @@ class RateLimiter:
                 if self._pauses == pauses or self._paused_until <= slot:
                     return
 
+    def paused(self) -> bool:
+        with self._lock:
+            return self._clock() < self._paused_until
+
     def pause(self, seconds: float) -> None:
         with self._lock:
             self._paused_until = max(self._paused_until, self._clock() + seconds)
@@ -285,10 +289,12 @@ class CoinGeckoClient:
             raise _Transient(f"HTTP 200 with {kind}") from exc
 
     def _back_off_rate_limit(self, response: requests.Response, path: str) -> None:
+        """Pause every thread; 429s in a row double the backoff, but not those of one burst."""
         with self._stats_lock:
             self._rate_limited += 1
-            self._consecutive_429 += 1
-            streak = self._consecutive_429
+            if not self.limiter.paused():
+                self._consecutive_429 += 1
+            streak = max(1, self._consecutive_429)
         delay = None if _is_html(response) else parse_retry_after(response.headers.get("Retry-After"))
         if delay is None:
             delay = min(self.rate_limit_backoff * 2 ** (streak - 1), 300.0)

@@ -19,6 +19,8 @@ from store import DONE, Claim, Outcome, Store
 
 log = logging.getLogger(__name__)
 
+MAX_PAUSE_SECONDS = 300.0
+
 
 class Worker:
     def __init__(
@@ -27,7 +29,7 @@ class Worker:
         client: CoinGeckoClient,
         *,
         concurrency: int = 1,
-        pause_seconds: float = 60.0,
+        pause_seconds: float = 15.0,
         progress_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -43,6 +45,7 @@ class Worker:
         self._pause_lock = threading.Lock()
         self._paused_until = 0.0
         self._pause_reason: str | None = None
+        self._pauses_in_a_row = 0
         self._threads: list[threading.Thread] = []
         self._idle_at: list[int | None] = [None] * concurrency
         self._stats_lock = threading.Lock()
@@ -87,8 +90,9 @@ class Worker:
         return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stop.is_set()
 
     def pause_reason(self) -> str | None:
+        """Why the worker is paused: set by a refused key or a wrong URL, cleared by the next success."""
         with self._pause_lock:
-            return self._pause_reason if self._clock() < self._paused_until else None
+            return self._pause_reason
 
     def state(self) -> dict:
         reason = self.pause_reason()
@@ -160,6 +164,7 @@ class Worker:
         except Stopped:
             self.store.release(claim)
             return True
+        self._resume()
         calls = self.client.calls_by_this_thread() - calls_before
         if not self.store.finish(claim, outcome):
             log.info("coin %s: dropped, the store was cleared while it was fetched", claim.coin_id)
@@ -193,10 +198,21 @@ class Worker:
             return Outcome.failed(f"internal error: {type(exc).__name__}"), 0
 
     def _pause(self, reason: str) -> None:
+        """Stop taking coins for a while; each pause in a row is twice as long, up to five minutes."""
         with self._pause_lock:
-            self._paused_until = self._clock() + self.pause_seconds
+            self._pauses_in_a_row += 1
+            seconds = min(MAX_PAUSE_SECONDS, self.pause_seconds * 2 ** (self._pauses_in_a_row - 1))
+            self._paused_until = self._clock() + seconds
             self._pause_reason = reason
-        log.error("worker paused for %.0fs: %s; the queue is kept", self.pause_seconds, reason)
+        log.error("worker paused for %.0fs: %s; the queue is kept", seconds, reason)
+
+    def _resume(self) -> None:
+        with self._pause_lock:
+            if self._pause_reason is None:
+                return
+            self._pause_reason = None
+            self._pauses_in_a_row = 0
+        log.info("upstream answering again: worker resumed")
 
     def _report_progress(self) -> None:
         while not self._stop.wait(self.progress_interval):

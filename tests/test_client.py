@@ -425,3 +425,25 @@ def test_measured_rate_is_over_the_last_minute(client, fake_time):
     fake_time.now += 120
     assert client.measured_rate() is None
     assert client.stats()["calls_last_minute"] == 0
+
+
+@responses.activate
+def test_429s_of_one_burst_do_not_escalate_the_backoff(fake_time):
+    """Two threads' calls in flight get 429 together: one step of backoff, not two."""
+    client = make_client(fake_time, rate_limit_backoff=5.0)
+    responses.get(f"{API}/ping", status=429, json={})
+    busy = requests.get(f"{API}/ping")
+
+    client._back_off_rate_limit(busy, "/ping")
+    fake_time.now += 1.0
+    client._back_off_rate_limit(busy, "/ping")
+    assert client.limiter.paused()
+    fake_time.now += 5.01
+    assert not client.limiter.paused()
+
+    client._back_off_rate_limit(busy, "/ping")
+    fake_time.now += 9.99
+    assert client.limiter.paused()
+    fake_time.now += 0.02
+    assert not client.limiter.paused()
+    assert client.stats()["rate_limited"] == 3

@@ -76,10 +76,23 @@ def test_upstream_unavailable_pauses_and_keeps_the_queue():
 
     assert store.record("a").status == QUEUED and store.record("b").status == QUEUED
     assert worker.pause_reason() == reason
+    assert worker.state() == {"state": "stopped", "threads": 1, "reason": reason}
     client.script.clear()
     while worker.process_next():
         pass
     assert store.record("a").status == DONE
+    assert worker.pause_reason() is None
+
+
+def test_pauses_in_a_row_double_up_to_five_minutes(caplog):
+    caplog.set_level(logging.ERROR, logger="worker")
+    store, client, worker = make_worker({"a": UpstreamUnavailable("HTTP 401")}, pause_seconds=15.0)
+    store.submit(["a"])
+    for _ in range(7):
+        worker.process_next()
+    pauses = [r.getMessage().split("for ")[1].split("s:")[0] for r in caplog.records]
+    assert pauses == ["15", "30", "60", "120", "240", "300", "300"]
+    assert store.record("a").status == QUEUED
 
 
 def test_threads_pause_then_resume_on_their_own():

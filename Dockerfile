@@ -27,7 +27,7 @@ VOLUME ["/data"]
 EXPOSE 5000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=4)"]
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '5000'), timeout=4)"
 
 # One process: the queue, the worker and the store live in it. Threads serve requests.
 CMD ["gunicorn", "--workers", "1", "--threads", "8", "--access-logfile", "-", "app:create_app()"]

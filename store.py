@@ -459,8 +459,10 @@ class _MemoryBatch:
     entries: list[BatchEntry] = field(default_factory=list)
 
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+# MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction; a later
+# release appends a step, and a user's file is brought up to date when the service starts.
+MIGRATIONS = [
+    """
 CREATE TABLE coins (
     id TEXT PRIMARY KEY,
     task_run INTEGER NOT NULL,
@@ -489,7 +491,9 @@ CREATE TABLE counters (
     value INTEGER NOT NULL
 );
 INSERT INTO counters (name, value) VALUES ('next_task_run', 1), ('next_batch_position', 1);
-"""
+""",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class SqliteStore(Store):
@@ -527,9 +531,9 @@ class SqliteStore(Store):
                 f"COINS_DB {path!r} has schema version {version}, written by a newer release; "
                 f"this release reads version {SCHEMA_VERSION}: upgrade the service or point COINS_DB at a new file"
             )
-        if version == 0:
-            with self._transaction() as conn:
-                conn.executescript("BEGIN;" + SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        for step in range(version, SCHEMA_VERSION):
+            self._conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version = {step + 1}; COMMIT;")
+            log.info("COINS_DB %r: schema version %d", path, step + 1)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

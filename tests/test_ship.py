@@ -72,6 +72,7 @@ def test_the_image_command_serves_and_retrieves(runtime_venv, tmp_path):
                              "COINGECKO_API_URL": fake.url, "COINGECKO_RATE_LIMIT": "6000"}
         with running(cmd, env, f"http://127.0.0.1:{port}", "/healthz") as svc:
             assert requests.get(f"{svc.url}/healthz").json()["status"] == "ok"
+            assert run_healthcheck(runtime_venv, env) == 0
             answer = requests.post(f"{svc.url}/coins?last=true", data="bitcoin\nzero-tickers",
                                    headers={"Content-Type": "text/plain"})
             wait_complete(svc.url, answer.json()["batch"])
@@ -80,6 +81,17 @@ def test_the_image_command_serves_and_retrieves(runtime_venv, tmp_path):
                 {"exchanges": [], "id": "zero-tickers", "taskRun": 2},
             ]}
     assert (tmp_path / "coins.db").exists()
+
+
+def run_healthcheck(venv, env: dict[str, str]) -> int:
+    """The image's HEALTHCHECK command, run by a shell as Docker would, with the image's python."""
+    command = dict(dockerfile())["HEALTHCHECK"].split(" CMD ", 1)[1]
+    path = f"{venv / 'bin'}:/usr/bin:/bin"
+    return subprocess.run(["sh", "-c", command], env=env | {"PATH": path}, timeout=30).returncode
+
+
+def test_the_healthcheck_fails_when_nothing_answers(runtime_venv):
+    assert run_healthcheck(runtime_venv, {"PORT": str(free_port())}) != 0
 
 
 def test_the_demo_command_works_offline():

@@ -300,14 +300,21 @@ def batch_view(summary: BatchSummary, worker: Worker, store: Store) -> dict:
 
 
 class CoinListing:
-    """Encoded ``GET /coins`` bodies, rebuilt only when the store's listing changes."""
+    """Encoded ``GET /coins`` bodies, for polls that cost little however large the listing.
+
+    A body is kept until the store's listing changes. Then it is joined again from each
+    record's encoded fragment, and only records not seen before are encoded: a done record
+    never changes until the store is cleared (a new generation), which drops the fragments.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()
         self._instance = os.urandom(4).hex()
-        self._cached: dict[tuple, bytes] = {}
-        self._cached_version = None
+        self._bodies: dict[tuple, bytes] = {}
+        self._bodies_version: int | None = None
+        self._fragments: dict[str, bytes] = {}
+        self._fragments_generation: int | None = None
 
     def etag(self, since: int, batch: str | None) -> str:
         return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}"'
@@ -316,19 +323,38 @@ class CoinListing:
         version = self._store.listing_version()
         key = (since, batch)
         with self._lock:
-            if self._cached_version == version and key in self._cached:
-                return self._cached[key]
-        records = self._store.done_records(since, batch)
-        body = json.dumps(
-            {"coins": [{"exchanges": list(r.exchanges or ()), "id": r.id, "taskRun": r.task_run} for r in records]},
-            separators=(",", ":"),
-        ).encode()
+            if self._bodies_version == version and key in self._bodies:
+                return self._bodies[key]
+        body = b'{"coins":[' + b",".join(self._fragments_of(self._store.generation(), since, batch)) + b"]}"
         with self._lock:
-            if self._cached_version != version:
-                self._cached, self._cached_version = {}, version
-            if len(self._cached) < 64:
-                self._cached[key] = body
+            if self._bodies_version != version:
+                self._bodies, self._bodies_version = {}, version
+            if len(self._bodies) < 64:
+                self._bodies[key] = body
         return body
+
+    def _fragments_of(self, generation: int, since: int, batch: str | None) -> list[bytes]:
+        index = self._store.done_index(since, batch)
+        with self._lock:
+            if generation != self._fragments_generation:
+                self._fragments, self._fragments_generation = {}, generation
+            known = self._fragments
+            missing = [coin_id for _, coin_id in index if coin_id not in known]
+        new = {}
+        for coin_id in missing:
+            record = self._store.record(coin_id)
+            if record is not None and record.status == DONE:
+                new[coin_id] = _encode_listed(record)
+        still_current = self._store.generation() == generation
+        with self._lock:
+            if still_current and self._fragments_generation == generation:
+                self._fragments.update(new)
+        return [fragment for _, coin_id in index if (fragment := known.get(coin_id) or new.get(coin_id))]
+
+
+def _encode_listed(record: CoinRecord) -> bytes:
+    listed = {"exchanges": list(record.exchanges or ()), "id": record.id, "taskRun": record.task_run}
+    return json.dumps(listed, separators=(",", ":")).encode()
 
 
 # -- the app ---------------------------------------------------------------------------------

@@ -254,8 +254,12 @@ class Store(ABC):
     def record(self, coin_id: str) -> CoinRecord | None: ...
 
     @abstractmethod
-    def done_records(self, since: int = 0, batch_id: str | None = None) -> list[CoinRecord]:
-        """Done coins with taskRun > ``since``, sorted by taskRun. Raises BatchNotFound."""
+    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+        """(taskRun, coin) of the done coins with taskRun > ``since``, sorted. Raises BatchNotFound."""
+
+    @abstractmethod
+    def generation(self) -> int:
+        """A number that changes only when the store is cleared: within one, a done record never changes."""
 
     @abstractmethod
     def listing_version(self) -> int:
@@ -382,17 +386,21 @@ class MemoryStore(Store):
         with self._lock:
             return self._coins.get(coin_id)
 
-    def done_records(self, since: int = 0, batch_id: str | None = None) -> list[CoinRecord]:
+    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
         with self._lock:
             start = bisect.bisect_right(self._done_runs, since)
-            records = [self._coins[self._done_by_run[run]] for run in self._done_runs[start:]]
+            index = [(run, self._done_by_run[run]) for run in self._done_runs[start:]]
             if batch_id is None:
-                return records
+                return index
             batch = self._batches.get(batch_id)
             if batch is None:
                 raise BatchNotFound(batch_id)
             wanted = {entry.coin_id for entry in batch.entries}
-            return [record for record in records if record.id in wanted]
+            return [(run, coin_id) for run, coin_id in index if coin_id in wanted]
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
 
     def listing_version(self) -> int:
         with self._lock:
@@ -632,23 +640,20 @@ class SqliteStore(Store):
         with self._lock:
             return self._lookup(coin_id)
 
-    def done_records(self, since: int = 0, batch_id: str | None = None) -> list[CoinRecord]:
+    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+        query = "SELECT task_run, id FROM coins WHERE status = ? AND task_run > ?"
+        params: tuple = (DONE, since)
         with self._lock:
-            if batch_id is None:
-                rows = self._conn.execute(
-                    "SELECT id, task_run, status, exchanges, error FROM coins"
-                    " WHERE status = ? AND task_run > ? ORDER BY task_run",
-                    (DONE, since),
-                ).fetchall()
-            else:
+            if batch_id is not None:
                 if self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
                     raise BatchNotFound(batch_id)
-                rows = self._conn.execute(
-                    "SELECT id, task_run, status, exchanges, error FROM coins WHERE status = ? AND task_run > ?"
-                    " AND id IN (SELECT coin_id FROM batch_entries WHERE batch_id = ?) ORDER BY task_run",
-                    (DONE, since, batch_id),
-                ).fetchall()
-            return [_row_to_record(row) for row in rows]
+                query += " AND id IN (SELECT coin_id FROM batch_entries WHERE batch_id = ?)"
+                params += (batch_id,)
+            return self._conn.execute(query + " ORDER BY task_run", params).fetchall()
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
 
     def listing_version(self) -> int:
         with self._lock:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from conftest import drain
+from store import Outcome
 
 
 @pytest.fixture
@@ -401,26 +402,45 @@ def test_three_posts_into_one_batch_count_right_at_every_step(app, http):
     assert seen == [(0, 1, False), (1, 1, False), (2, 1, False), (2, 2, False), (3, 2, False), (4, 2, True)]
 
 
-def test_an_unchanged_listing_is_not_rebuilt(make_app, store):
+def counted(store, method: str) -> list:
+    """Record every call of ``store.method`` (on this instance only)."""
     calls = []
-    original = store.done_records
+    original = getattr(store, method)
 
     def counting(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    store.done_records = counting
+    setattr(store, method, counting)
+    return calls
+
+
+def test_an_unchanged_listing_is_not_rebuilt(make_app, store):
+    index_calls, record_reads = counted(store, "done_index"), counted(store, "record")
     app = make_app()
     http = app.test_client()
     post_json(http, ["bitcoin", "ethereum"])
     drain(app)
 
     bodies = {http.get("/coins").data for _ in range(20)}
-    assert len(bodies) == 1 and len(calls) == 1
+    assert len(bodies) == 1 and len(index_calls) == 1 and len(record_reads) == 2
     http.get("/coins?since=1")
     http.get("/coins?since=1")
-    assert len(calls) == 2
+    assert len(index_calls) == 2 and len(record_reads) == 2
     post_json(http, ["tether"])
     drain(app)
-    assert len(http.get("/coins").get_json()["coins"]) == 3
-    assert len(calls) == 3
+    assert [c["id"] for c in http.get("/coins").get_json()["coins"]] == ["bitcoin", "ethereum", "tether"]
+    assert len(index_calls) == 3 and record_reads[-1] == ("tether",) and len(record_reads) == 3
+
+
+def test_listing_after_a_clear_shows_the_new_records(make_app, store):
+    app = make_app()
+    http = app.test_client()
+    for exchanges in (["old-exchange"], ["new-exchange"]):
+        store.submit(["bitcoin", "ethereum"])
+        for _ in range(2):
+            store.finish(store.claim_next(), Outcome.done(exchanges))
+        listed = http.get("/coins").get_json()["coins"]
+        assert listed == [{"exchanges": exchanges, "id": "bitcoin", "taskRun": 1},
+                          {"exchanges": exchanges, "id": "ethereum", "taskRun": 2}]
+        http.delete("/coins")

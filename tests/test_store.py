@@ -20,6 +20,11 @@ from store import (
 )
 
 
+def done(store, since: int = 0, batch_id: str | None = None) -> list:
+    """The done records, in the order of the store's index."""
+    return [store.record(coin_id) for _, coin_id in store.done_index(since, batch_id)]
+
+
 def run_all(store, exchanges_of=lambda coin: [f"{coin}-ex"]) -> list[str]:
     """Claim and finish every queued coin as done; returns them in claim order."""
     order = []
@@ -46,7 +51,7 @@ def test_queue_runs_in_task_run_order(store):
     store.submit(["c", "a"])
     store.submit(["b"])
     assert run_all(store) == ["c", "a", "b"]
-    assert [(r.id, r.task_run, r.exchanges) for r in store.done_records()] == [
+    assert [(r.id, r.task_run, r.exchanges) for r in done(store)] == [
         ("c", 1, ("c-ex",)), ("a", 2, ("a-ex",)), ("b", 3, ("b-ex",))
     ]
 
@@ -56,9 +61,9 @@ def test_done_records_since_and_out_of_order_finishes(store):
     claims = [store.claim_next() for _ in range(3)]
     for claim in reversed(claims):
         store.finish(claim, Outcome.done(["x", "x", "a"]))
-    assert [r.task_run for r in store.done_records()] == [1, 2, 3]
-    assert [r.id for r in store.done_records(since=1)] == ["b", "c"]
-    assert store.done_records(since=3) == []
+    assert [r.task_run for r in done(store)] == [1, 2, 3]
+    assert [r.id for r in done(store, since=1)] == ["b", "c"]
+    assert done(store, since=3) == []
     assert store.record("a").exchanges == ("a", "x")
 
 
@@ -141,11 +146,11 @@ def test_batch_filter_lists_a_batchs_done_coins(store):
     first = store.submit(["a", "b"])
     second = store.submit(["b", "c"])
     run_all(store)
-    assert [r.id for r in store.done_records(batch_id=first.batch)] == ["a", "b"]
-    assert [r.id for r in store.done_records(batch_id=second.batch)] == ["b", "c"]
-    assert [r.id for r in store.done_records(since=2, batch_id=second.batch)] == ["c"]
+    assert [r.id for r in done(store, batch_id=first.batch)] == ["a", "b"]
+    assert [r.id for r in done(store, batch_id=second.batch)] == ["b", "c"]
+    assert [r.id for r in done(store, since=2, batch_id=second.batch)] == ["c"]
     with pytest.raises(BatchNotFound):
-        store.done_records(batch_id="nope")
+        store.done_index(batch_id="nope")
 
 
 def test_delete_batch_cancels_only_its_unwanted_queued_coins(store):
@@ -172,7 +177,7 @@ def test_clear_forgets_everything_and_drops_claims_in_flight(store):
     assert store.clear() == 2
 
     assert store.finish(claim, Outcome.done(["x"])) is False
-    assert store.record("a") is None and store.done_records() == [] and store.batches() == []
+    assert store.record("a") is None and done(store) == [] and store.batches() == []
     assert store.status_counts() == dict.fromkeys(["queued", "running", "done", "invalid", "failed"], 0)
     assert store.submit(["c"]).task_runs == {"c": 1}
     store.release(claim)
@@ -185,6 +190,19 @@ def test_release_puts_a_coin_back_in_order(store):
     store.release(claim)
     assert store.record("a").status == QUEUED
     assert run_all(store) == ["a", "b"]
+
+
+def test_done_index_and_generation(store):
+    first_generation = store.generation()
+    store.submit(["a", "b", "c"])
+    claims = [store.claim_next() for _ in range(3)]
+    store.finish(claims[2], Outcome.done([]))
+    store.finish(claims[0], Outcome.done([]))
+    store.finish(claims[1], Outcome.failed("boom"))
+    assert store.done_index() == [(1, "a"), (3, "c")]
+    assert store.generation() == first_generation
+    store.clear()
+    assert store.done_index() == [] and store.generation() != first_generation
 
 
 def test_listing_version_moves_when_the_listing_can_change(store):

@@ -107,6 +107,7 @@ class Config:
             rate_limit=self.rate_limit,
             timeout=self.timeout,
             max_attempts=self.max_attempts,
+            concurrency=self.concurrency,
         )
 
 

@@ -166,6 +166,7 @@ class CoinGeckoClient:
         rate_limit_backoff: float | None = None,
         max_pages: int = MAX_PAGES,
         list_ttl: float = COINS_LIST_TTL,
+        concurrency: int = 1,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
@@ -184,7 +185,7 @@ class CoinGeckoClient:
         self._rng = rng or random.Random()
         self.limiter = RateLimiter(rate_limit, clock=clock, sleep=self._sleep)
         self.rate_limit_backoff = rate_limit_backoff or max(1.0, 2 * self.limiter.interval)
-        self._session = session or requests.Session()
+        self._session = session or _session_for(concurrency)
         if api_key and key_header:
             self._session.headers[key_header] = api_key
         self._session.headers.setdefault("Accept", "application/json")
@@ -362,6 +363,15 @@ class CoinGeckoClient:
             self._listed_at = self._clock()
             log.info("coins/list: %d coins", len(self._listed))
             return coin_id in self._listed
+
+
+def _session_for(concurrency: int) -> requests.Session:
+    """A session whose connection pool keeps one connection for each thread in flight."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, concurrency))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _tickers_of(body: object) -> list:

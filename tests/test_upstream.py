@@ -5,6 +5,8 @@ These run in real time (seconds each), since what they measure is time.
 
 from __future__ import annotations
 
+import logging
+
 from app import Config
 from coingecko_client import CoinGeckoClient
 from fake_coingecko import FAULT_KINDS, FakeCoinGecko, FakeData, FakeOptions
@@ -83,3 +85,16 @@ def test_pro_plan_reaches_its_limit_with_slow_calls():
     assert stats["statuses"] == {"200": 121}
     assert calls_per_minute(stats["times"]) >= 0.9 * 1200
     assert stats["peak_concurrency"] >= 3
+
+
+def test_many_threads_keep_their_connections(caplog):
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    coins = single_page_coins(64)
+    with FakeCoinGecko(FakeOptions(latency=0.2), FakeData(coins=100)) as fake:
+        client = CoinGeckoClient(fake.url, rate_limit=1_000_000, concurrency=16)
+        store = run_to_the_end(client, coins, concurrency=16)
+        stats = fake.stats.snapshot()
+
+    assert store.status_counts()[DONE] == 64
+    assert stats["peak_concurrency"] > 10
+    assert "Connection pool is full" not in caplog.text

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -67,9 +67,12 @@ class FakeData:
     def list_body(self) -> bytes:
         return self._list_body
 
-    def tickers(self, coin_id: str) -> list[dict]:
+    def tickers(self, coin_id: str, page: int | None = None) -> list[dict]:
+        """A coin's tickers: all of them, or one page of ``PER_PAGE``."""
         offset = int(hashlib.sha256(coin_id.encode()).hexdigest()[:8], 16)
-        return [_ticker(coin_id, offset, j) for j in range(self.ticker_counts[coin_id])]
+        count = self.ticker_counts[coin_id]
+        first, last = (0, count) if page is None else ((page - 1) * PER_PAGE, min(count, page * PER_PAGE))
+        return [_ticker(coin_id, offset, j) for j in range(first, last)]
 
     def exchanges(self, coin_id: str) -> list[str]:
         """The true answer for ``coin_id``: its tickers' unique market identifiers, sorted."""
@@ -121,15 +124,15 @@ class FakeOptions:
     seed: int = 1
 
     def update(self, changes: dict) -> None:
-        names = {f.name for f in fields(self)}
-        unknown = set(changes) - names
+        """Apply ``changes`` if every one is valid; otherwise raise ValueError and change nothing."""
+        unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise ValueError(f"unknown options: {', '.join(sorted(unknown))}")
+        wanted = replace(self, **changes)
+        if set(wanted.faults) - set(FAULT_KINDS) or wanted.retry_after not in RETRY_AFTER_MODES:
+            raise ValueError(f"faults are {FAULT_KINDS}, retry_after modes {RETRY_AFTER_MODES}")
         for name, value in changes.items():
             setattr(self, name, value)
-        bad = set(self.faults) - set(FAULT_KINDS)
-        if bad or self.retry_after not in RETRY_AFTER_MODES:
-            raise ValueError(f"faults are {FAULT_KINDS}, retry_after modes {RETRY_AFTER_MODES}")
 
 
 class FakeStats:
@@ -415,10 +418,9 @@ class _FakeHandler(BaseHTTPRequestHandler):
             page = 1
         if self._fault((coin_id, page)):
             return
-        tickers = fake.data.tickers(coin_id)
-        headers = {} if fake.options.omit_total else {"total": str(len(tickers)), "per-page": str(PER_PAGE)}
-        chunk = tickers[(page - 1) * PER_PAGE: page * PER_PAGE]
-        self._json(200, {"name": coin_id.title(), "tickers": chunk}, headers)
+        total = fake.data.ticker_counts[coin_id]
+        headers = {} if fake.options.omit_total else {"total": str(total), "per-page": str(PER_PAGE)}
+        self._json(200, {"name": coin_id.title(), "tickers": fake.data.tickers(coin_id, page)}, headers)
         with fake.stats.lock:
             fake.stats.page_successes[(coin_id, page)] += 1
 

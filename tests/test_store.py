@@ -268,3 +268,4 @@ def test_sqlite_uses_wal(tmp_path):
     store = SqliteStore(str(tmp_path / "coins.db"))
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
+

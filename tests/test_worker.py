@@ -201,3 +201,30 @@ def test_progress_is_logged_while_work_remains(caplog):
         logging.getLogger("worker").removeHandler(signal)
     assert signal.lines[0].startswith("progress: 0 done, 3 remaining, ")
     assert "calls in the last minute, ETA " in signal.lines[0]
+
+
+def test_delete_coins_over_http_drops_the_fetch_in_flight():
+    from app import Config, create_app
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow():
+        entered.set()
+        release.wait(5.0)
+        return Retrieval(("stale-exchange",), 1, 1)
+
+    store, client, worker = make_worker({"bitcoin": slow})
+    http = create_app(Config(), store=store, worker=worker).test_client()
+    try:
+        http.post("/coins", json=["bitcoin"])
+        assert entered.wait(5.0)
+        assert http.get("/coins/bitcoin").get_json()["status"] == "running"
+
+        assert http.delete("/coins").get_json() == {"deleted": 1}
+        release.set()
+        assert http.post("/coins", json=["ethereum"]).get_json()["taskRuns"] == {"ethereum": 1}
+        assert worker.wait_idle(5.0)
+    finally:
+        worker.stop()
+    assert http.get("/coins/bitcoin").status_code == 404
+    assert http.get("/coins").get_json() == {"coins": [{"exchanges": ["ex"], "id": "ethereum", "taskRun": 1}]}

@@ -439,9 +439,10 @@ def _register_error_handlers(app: Flask) -> None:
                  "GET /coins/<id>, GET /batches, GET /healthz",
             413: f"the body is over {MAX_BODY_BYTES // (1024 * 1024)} MB: split the list into several POSTs",
         }
-        message = messages.get(exc.code, exc.description or exc.name)
         if exc.code == 405:
             message = f"{request.method} is not allowed here; use {', '.join(exc.valid_methods or [])}"
+        else:
+            message = messages.get(exc.code, exc.description or exc.name)
         response = jsonify(error=message)
         response.status_code = exc.code or 500
         if exc.code == 405 and exc.valid_methods:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from coingecko_client import CoinGeckoClient, CoinGeckoError, CoinNotFound, Stopped, UpstreamUnavailable
-from store import DONE, Claim, Outcome, Store
+from store import DONE, FAILED, Claim, Outcome, Store
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class Worker:
         except Stopped:
             self.store.release(claim)
             return True
-        self._resume()
+        if outcome.status != FAILED:
+            self._resume()
         calls = self.client.calls_by_this_thread() - calls_before
         if not self.store.finish(claim, outcome):
             log.info("coin %s: dropped, the store was cleared while it was fetched", claim.coin_id)
@@ -207,6 +208,7 @@ class Worker:
         log.error("worker paused for %.0fs: %s; the queue is kept", seconds, reason)
 
     def _resume(self) -> None:
+        """A coin was retrieved (done, or found unknown): the upstream accepts us again."""
         with self._pause_lock:
             if self._pause_reason is None:
                 return

@@ -203,10 +203,19 @@ def test_exactly_50000_entries_is_accepted(http):
     assert answer.get_json()["taskRuns"]["c49999"] == 50_000
 
 
-def test_malformed_csv_is_400(http):
+def test_csv_field_over_the_csv_limit_is_400(http):
+    answer = http.post("/coins", data=b"bitcoin\n" + b"x" * 200_000, content_type="text/csv")
+
+    assert answer.status_code == 400
+    assert answer.get_json()["error"].startswith("malformed CSV (field larger than field limit")
+    assert_unchanged(http)
+
+
+def test_csv_unterminated_quote_and_nul_are_read_as_malformed_ids(http):
     answer = http.post("/coins", data=b"bitcoin\n\"unterminated\x00", content_type="text/csv")
-    assert answer.status_code in (202, 400)
-    assert answer.is_json
+
+    assert answer.status_code == 202
+    assert (answer.get_json()["queued"], answer.get_json()["invalid"]) == (["bitcoin"], ["unterminated\x00"])
 
 
 def test_malformed_entries_are_reported_not_sent_upstream(app, http, fake):

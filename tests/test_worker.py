@@ -35,6 +35,19 @@ class ScriptedClient(CoinGeckoClient):
         return Retrieval(tuple(answer), 1, 1)
 
 
+class Gate:
+    """A scripted fetch that blocks until released: ``entered`` is set once it has begun."""
+
+    def __init__(self, exchanges: tuple[str, ...] = ("x",)) -> None:
+        self.exchanges = exchanges
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self) -> Retrieval:
+        self.entered.set()
+        self.release.wait(5.0)
+        return Retrieval(self.exchanges, 1, 1)
+
+
 def make_worker(script, listed=None, **kwargs):
     store = MemoryStore()
     client = ScriptedClient(script, listed)
@@ -82,6 +95,24 @@ def test_upstream_unavailable_pauses_and_keeps_the_queue():
         pass
     assert store.record("a").status == DONE
     assert worker.pause_reason() is None
+
+
+def test_only_a_retrieved_coin_ends_a_pause():
+    store, client, worker = make_worker({"a": UpstreamUnavailable("HTTP 401"), "b": CoinFetchError("dropped")})
+    store.submit(["a", "b", "c"])
+    worker.process_next()
+    client.script.pop("a")
+
+    worker.process_next()
+    assert store.record("a").status == DONE and worker.pause_reason() is None
+    worker.process_next()
+    assert store.record("b").status == FAILED
+    client.script["c"] = UpstreamUnavailable("HTTP 401")
+    worker.process_next()
+    client.script["c"] = CoinFetchError("the connection failed or was dropped")
+    worker.process_next()
+    assert store.record("c").status == FAILED
+    assert worker.pause_reason() == "HTTP 401"
 
 
 def test_pauses_in_a_row_double_up_to_five_minutes(caplog):
@@ -134,22 +165,16 @@ def test_started_worker_takes_coins_posted_later_and_stops_cleanly():
 
 
 def test_a_fetch_in_flight_during_clear_is_dropped():
-    entered, release = threading.Event(), threading.Event()
-
-    def slow():
-        entered.set()
-        release.wait(5.0)
-        return Retrieval(("old",), 1, 1)
-
-    store, client, worker = make_worker({"a": slow})
+    gate = Gate(("old",))
+    store, client, worker = make_worker({"a": gate})
     store.submit(["a"])
     worker.start()
     try:
         worker.notify()
-        assert entered.wait(5.0)
+        assert gate.entered.wait(5.0)
         store.clear()
         store.submit(["z"])
-        release.set()
+        gate.release.set()
         worker.notify()
         assert worker.wait_idle(timeout=5.0)
     finally:
@@ -184,9 +209,8 @@ class _Signal(logging.Handler):
 
 def test_progress_is_logged_while_work_remains(caplog):
     caplog.set_level(logging.INFO, logger="worker")
-    release = threading.Event()
-    store, client, worker = make_worker({"a": lambda: (release.wait(5.0), Retrieval(("x",), 1, 1))[1]},
-                                        progress_interval=0.05)
+    gate = Gate()
+    store, client, worker = make_worker({"a": gate}, progress_interval=0.05)
     signal = _Signal("progress:")
     logging.getLogger("worker").addHandler(signal)
     store.submit(["a", "b", "c"])
@@ -194,7 +218,7 @@ def test_progress_is_logged_while_work_remains(caplog):
     try:
         worker.notify()
         assert signal.seen.wait(5.0)
-        release.set()
+        gate.release.set()
         assert worker.wait_idle(5.0)
     finally:
         worker.stop()
@@ -206,22 +230,16 @@ def test_progress_is_logged_while_work_remains(caplog):
 def test_delete_coins_over_http_drops_the_fetch_in_flight():
     from app import Config, create_app
 
-    entered, release = threading.Event(), threading.Event()
-
-    def slow():
-        entered.set()
-        release.wait(5.0)
-        return Retrieval(("stale-exchange",), 1, 1)
-
-    store, client, worker = make_worker({"bitcoin": slow})
+    gate = Gate(("stale-exchange",))
+    store, client, worker = make_worker({"bitcoin": gate})
     http = create_app(Config(), store=store, worker=worker).test_client()
     try:
         http.post("/coins", json=["bitcoin"])
-        assert entered.wait(5.0)
+        assert gate.entered.wait(5.0)
         assert http.get("/coins/bitcoin").get_json()["status"] == "running"
 
         assert http.delete("/coins").get_json() == {"deleted": 1}
-        release.set()
+        gate.release.set()
         assert http.post("/coins", json=["ethereum"]).get_json()["taskRuns"] == {"ethereum": 1}
         assert worker.wait_idle(5.0)
     finally:

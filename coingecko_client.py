@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -40,6 +40,7 @@ PLANS = {
 }
 
 PAGE_SIZE = 100
+PROBE_PATH = "/ping"
 MAX_PAGES = 1000
 COINS_LIST_TTL = 600.0
 # Slots are spaced this much wider than 60 s / limit, so that network jitter
@@ -65,6 +66,10 @@ class UpstreamUnavailable(CoinGeckoError):
 
 class Stopped(CoinGeckoError):
     """The client was closed while a call waited."""
+
+
+class Cancelled(CoinGeckoError):
+    """The coin was cancelled (``DELETE``) while its pages were fetched."""
 
 
 class _Transient(Exception):
@@ -241,7 +246,8 @@ class CoinGeckoClient:
 
     # -- one call ---------------------------------------------------------------------------
 
-    def _get(self, path: str, params: dict | None = None) -> tuple[object, Mapping[str, str], int]:
+    def _get(self, path: str, params: dict | None = None, attempts: int | None = None,
+             ) -> tuple[object, Mapping[str, str], int]:
         """GET ``path`` until it answers 200 with JSON; returns (body, headers, calls made).
 
         Raises CoinNotFound on 404, UpstreamUnavailable on 401/403, CoinFetchError
@@ -249,6 +255,7 @@ class CoinGeckoClient:
         """
         calls = 0
         failures = 0
+        answered = False
         while True:
             self.limiter.acquire()
             calls += 1
@@ -264,7 +271,14 @@ class CoinGeckoClient:
                     requests.exceptions.ContentDecodingError, _Transient) as exc:
                 failures += 1
                 reason = _describe(exc)
-                if failures >= self.max_attempts:
+                if not _no_answer(exc):
+                    answered = True
+                if failures >= (attempts or self.max_attempts):
+                    if not answered and path != PROBE_PATH and not self.reachable():
+                        raise UpstreamUnavailable(
+                            f"cannot reach {self.host}: {reason}; every call fails, so the queue waits "
+                            "(check COINGECKO_API_URL and this machine's network)"
+                        ) from exc
                     raise CoinFetchError(f"{reason} (gave up after {failures} attempts)") from exc
                 delay = self._retry_delay(failures)
                 log.warning("GET %s: %s; attempt %d of %d, retrying in %.1fs",
@@ -289,6 +303,22 @@ class CoinGeckoClient:
             kind = "an HTML page" if _is_html(response) else "a body that is not JSON (truncated?)"
             raise _Transient(f"HTTP 200 with {kind}") from exc
 
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+    def reachable(self) -> bool:
+        """Whether the upstream answers at all (any HTTP status will do): an outage, or one coin's fault?"""
+        try:
+            self._get(PROBE_PATH, attempts=1)
+        except (UpstreamUnavailable, Stopped):
+            raise
+        except CoinFetchError as exc:
+            return not isinstance(exc.__cause__, (requests.Timeout, requests.ConnectionError))
+        except CoinGeckoError:
+            return True
+        return True
+
     def _back_off_rate_limit(self, response: requests.Response, path: str) -> None:
         """Pause every thread; 429s in a row double the backoff, but not those of one burst."""
         with self._stats_lock:
@@ -308,8 +338,11 @@ class CoinGeckoClient:
 
     # -- coins --------------------------------------------------------------------------------
 
-    def fetch_exchanges(self, coin_id: str) -> Retrieval:
-        """Every exchange ``coin_id`` trades on, over all its ticker pages, each page fetched once."""
+    def fetch_exchanges(self, coin_id: str, keep_going: Callable[[], bool] | None = None) -> Retrieval:
+        """Every exchange ``coin_id`` trades on, over all its ticker pages, each page fetched once.
+
+        ``keep_going`` is asked before every page after the first; False raises Cancelled.
+        """
         path = f"/coins/{quote(coin_id, safe='')}/tickers"
         exchanges: set[str] = set()
         calls = 0
@@ -317,6 +350,8 @@ class CoinGeckoClient:
         page = 0
         while True:
             page += 1
+            if page > 1 and keep_going is not None and not keep_going():
+                raise Cancelled(f"coin {coin_id} was cancelled after {page - 1} page(s)")
             if page > self.max_pages:
                 raise CoinFetchError(f"more than {self.max_pages} pages of tickers; stopped there")
             body, headers, made = self._get(path, {"page": page})
@@ -406,10 +441,35 @@ def _pages_from_headers(headers) -> int | None:
 
 
 def _describe(exc: Exception) -> str:
+    cause = _os_error_text(exc)
     if isinstance(exc, requests.Timeout):
-        return "timed out"
+        return "timed out" + (f" ({cause})" if cause else "")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "the body was cut short"
     if isinstance(exc, requests.ConnectionError):
-        return "the connection failed or was dropped"
+        return f"the connection failed ({cause})" if cause else "the connection failed or was dropped"
     return str(exc)
+
+
+def _no_answer(exc: Exception) -> bool:
+    """True for a call that got no HTTP answer at all: refused, unresolvable, timed out."""
+    return isinstance(exc, (requests.Timeout, requests.ConnectionError)) and not isinstance(
+        exc, requests.exceptions.ChunkedEncodingError
+    )
+
+
+def _os_error_text(exc: BaseException) -> str | None:
+    """The operating system's words for what went wrong under a requests error ("Connection refused")."""
+    todo, seen = [exc], set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        todo.extend(
+            link for link in (getattr(current, "reason", None), current.__cause__, current.__context__, *current.args)
+            if isinstance(link, BaseException)
+        )
+    return None

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
-from app import Config, ConfigError, serve
+from app import check_config
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
+from server import serve
 
 log = logging.getLogger("demo")
 
@@ -37,11 +37,7 @@ def main() -> None:
     fake.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("COINGECKO_")}
     env.update(COINGECKO_API_URL=fake.url, COINGECKO_RATE_LIMIT=os.environ.get("COINGECKO_RATE_LIMIT", "120"))
-    try:
-        config = Config.from_env(env)
-    except ConfigError as exc:
-        log.error("cannot start: %s", exc)
-        sys.exit(2)
+    config = check_config(env)
     url = f"http://{config.host}:{config.port}"
     log.info(TRY_THIS.format(url=url, fake=fake.url, rate=f"{config.rate_limit:g}"))
     serve(config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import fcntl
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -64,11 +65,12 @@ class CoinRecord:
 
 @dataclass(frozen=True)
 class Claim:
-    """A coin handed to the worker; ``generation`` ties it to the store's contents at claim time."""
+    """A coin handed to the worker; ``token`` is this claim's alone, so a cancelled one cannot land."""
 
     coin_id: str
     task_run: int
     generation: int
+    token: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,27 @@ def shown_id(coin_id: str) -> str:
     return coin_id if len(coin_id) <= SHOWN_ID_LENGTH else coin_id[:SHOWN_ID_LENGTH] + "…"
 
 
+def stored_id(coin_id: str) -> str:
+    """The key a malformed ID is recorded under: shortened, and with lone surrogates escaped.
+
+    A lone surrogate (JSON allows ``"\\ud800"``) cannot be written as UTF-8, so every
+    store keeps it as its escape; a valid ID is returned unchanged.
+    """
+    shown = shown_id(coin_id)
+    try:
+        shown.encode("utf-8")
+    except UnicodeEncodeError:
+        return shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown
+
+
 @dataclass
 class SubmissionPlan:
     """What a submission changes, worked out before anything is written."""
 
     result: SubmitResult
     new_coins: list[tuple[str, int]] = field(default_factory=list)
+    new_invalid: list[tuple[str, int, str]] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     entries: list[BatchEntry] = field(default_factory=list)
     next_task_run: int = 1
@@ -167,11 +184,15 @@ def plan_submission(
     for coin_id in coin_ids:
         number = plan.next_task_run
         plan.next_task_run += 1
-        shown = shown_id(coin_id)
-        if malformed_reason(coin_id) is not None:
+        reason = malformed_reason(coin_id)
+        if reason is not None:
+            shown, key = shown_id(coin_id), stored_id(coin_id)
             result.invalid.append(shown)
             result.task_runs.setdefault(shown, number)
-            plan.entries.append(BatchEntry(coin_id, number, MALFORMED))
+            plan.entries.append(BatchEntry(key, number, MALFORMED))
+            if key not in seen and lookup(key) is None:
+                plan.new_invalid.append((key, number, f"malformed ID: {reason}; it is never sent to CoinGecko"))
+            seen.setdefault(key, number)
             continue
         if coin_id in seen:
             result.duplicates.append(coin_id)
@@ -251,6 +272,13 @@ class Store(ABC):
         """Put a claimed coin back in the queue under its own taskRun."""
 
     @abstractmethod
+    def claim_alive(self, claim: Claim) -> bool:
+        """Whether ``claim`` still holds its coin: False once the coin was cancelled or the store cleared."""
+
+    @abstractmethod
+    def has_batch(self, batch_id: str) -> bool: ...
+
+    @abstractmethod
     def record(self, coin_id: str) -> CoinRecord | None: ...
 
     @abstractmethod
@@ -302,12 +330,15 @@ class MemoryStore(Store):
         self._clock = clock
         self._generation = 0
         self._version = 0
+        self._tokens = itertools.count(1)
         self._reset()
 
     def _reset(self) -> None:
         """Empty every structure; a new generation makes claims taken before it stale."""
         self._coins: dict[str, CoinRecord] = {}
+        self._claims: dict[str, int] = {}
         self._queue: list[tuple[int, str]] = []
+        self._stale_in_queue = 0
         self._done_runs: list[int] = []
         self._done_by_run: dict[int, str] = {}
         self._batches: dict[str, _MemoryBatch] = {}
@@ -325,6 +356,8 @@ class MemoryStore(Store):
             for coin_id, task_run in plan.new_coins:
                 self._coins[coin_id] = CoinRecord(coin_id, task_run, QUEUED)
                 heapq.heappush(self._queue, (task_run, coin_id))
+            for coin_id, task_run, reason in plan.new_invalid:
+                self._coins[coin_id] = CoinRecord(coin_id, task_run, INVALID, error=reason)
             for coin_id in plan.retried:
                 record = self._coins[coin_id] = CoinRecord(coin_id, self._coins[coin_id].task_run, QUEUED)
                 heapq.heappush(self._queue, (record.task_run, coin_id))
@@ -351,14 +384,25 @@ class MemoryStore(Store):
                 record = self._coins.get(coin_id)
                 if record is not None and record.status == QUEUED and record.task_run == task_run:
                     self._coins[coin_id] = CoinRecord(coin_id, task_run, RUNNING)
-                    return Claim(coin_id, task_run, self._generation)
+                    token = self._claims[coin_id] = next(self._tokens)
+                    return Claim(coin_id, task_run, self._generation, token)
+                self._stale_in_queue = max(0, self._stale_in_queue - 1)
             return None
 
     def _claimed(self, claim: Claim) -> CoinRecord | None:
         record = self._coins.get(claim.coin_id)
-        if claim.generation != self._generation or record is None or record.status != RUNNING:
+        if (claim.generation != self._generation or record is None or record.status != RUNNING
+                or self._claims.get(claim.coin_id) != claim.token):
             return None
         return record
+
+    def claim_alive(self, claim: Claim) -> bool:
+        with self._lock:
+            return self._claimed(claim) is not None
+
+    def has_batch(self, batch_id: str) -> bool:
+        with self._lock:
+            return batch_id in self._batches
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
         with self._lock:
@@ -369,6 +413,7 @@ class MemoryStore(Store):
             self._coins[claim.coin_id] = CoinRecord(
                 claim.coin_id, record.task_run, outcome.status, exchanges, outcome.error
             )
+            del self._claims[claim.coin_id]
             if outcome.status == DONE:
                 bisect.insort(self._done_runs, record.task_run)
                 self._done_by_run[record.task_run] = claim.coin_id
@@ -380,6 +425,7 @@ class MemoryStore(Store):
             record = self._claimed(claim)
             if record is not None:
                 self._coins[claim.coin_id] = CoinRecord(claim.coin_id, record.task_run, QUEUED)
+                del self._claims[claim.coin_id]
                 heapq.heappush(self._queue, (record.task_run, claim.coin_id))
 
     def record(self, coin_id: str) -> CoinRecord | None:
@@ -443,11 +489,23 @@ class MemoryStore(Store):
             cancelled = []
             for entry in batch.entries:
                 record = self._coins.get(entry.coin_id)
-                if entry.kind == COIN and record and record.status == QUEUED and entry.coin_id not in wanted:
+                if (entry.kind == COIN and record and record.status in (QUEUED, RUNNING)
+                        and entry.coin_id not in wanted):
                     del self._coins[entry.coin_id]
+                    self._claims.pop(entry.coin_id, None)
                     cancelled.append(entry.coin_id)
+                    self._stale_in_queue += record.status == QUEUED
+            self._compact_queue()
             self._version += 1
             return cancelled
+
+    def _compact_queue(self) -> None:
+        """Rebuild the heap once most of it is cancelled entries, so that memory follows the live queue."""
+        if self._stale_in_queue * 2 <= len(self._queue):
+            return
+        self._queue = [(r.task_run, coin_id) for coin_id, r in self._coins.items() if r.status == QUEUED]
+        heapq.heapify(self._queue)
+        self._stale_in_queue = 0
 
     def clear(self) -> int:
         with self._lock:
@@ -500,6 +558,10 @@ CREATE TABLE counters (
 );
 INSERT INTO counters (name, value) VALUES ('next_task_run', 1), ('next_batch_position', 1);
 """,
+    # 2: the token of the claim a running coin is under, so that a cancelled claim cannot land.
+    """
+ALTER TABLE coins ADD COLUMN claim INTEGER NOT NULL DEFAULT 0;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -511,10 +573,11 @@ class SqliteStore(Store):
     ``<path>.lock``), since two workers on one queue would fetch coins twice.
     """
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, lock_wait: float = 0.0) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._lock_file = _lock_exclusively(path + ".lock")
+        self._tokens = itertools.count(1)
+        self._lock_file = None if path == MEMORY_PATH else _lock_exclusively(path, lock_wait)
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -523,7 +586,8 @@ class SqliteStore(Store):
             self._migrate(path)
             requeued = self._conn.execute("UPDATE coins SET status = ? WHERE status = ?", (QUEUED, RUNNING)).rowcount
         except (sqlite3.Error, StoreError) as exc:
-            self._lock_file.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
             if isinstance(exc, StoreError):
                 raise
             raise StoreError(f"cannot open COINS_DB {path!r}: {exc}") from exc
@@ -590,6 +654,10 @@ class SqliteStore(Store):
                 [(coin_id, task_run, QUEUED) for coin_id, task_run in plan.new_coins],
             )
             conn.executemany(
+                "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
+                [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
+            )
+            conn.executemany(
                 "UPDATE coins SET status = ?, error = NULL WHERE id = ?",
                 [(QUEUED, coin_id) for coin_id in plan.retried],
             )
@@ -613,8 +681,9 @@ class SqliteStore(Store):
             ).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE coins SET status = ? WHERE id = ?", (RUNNING, row[0]))
-            return Claim(row[0], row[1], self._generation)
+            token = next(self._tokens)
+            conn.execute("UPDATE coins SET status = ?, claim = ? WHERE id = ?", (RUNNING, token, row[0]))
+            return Claim(row[0], row[1], self._generation, token)
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
         exchanges = json.dumps(list(outcome.exchanges)) if outcome.status == DONE else None
@@ -622,8 +691,9 @@ class SqliteStore(Store):
             if claim.generation != self._generation:
                 return False
             updated = conn.execute(
-                "UPDATE coins SET status = ?, exchanges = ?, error = ? WHERE id = ? AND status = ?",
-                (outcome.status, exchanges, outcome.error, claim.coin_id, RUNNING),
+                "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0"
+                " WHERE id = ? AND status = ? AND claim = ?",
+                (outcome.status, exchanges, outcome.error, claim.coin_id, RUNNING, claim.token),
             ).rowcount
             if updated and outcome.status == DONE:
                 self._version += 1
@@ -633,8 +703,22 @@ class SqliteStore(Store):
         with self._lock, self._transaction() as conn:
             if claim.generation == self._generation:
                 conn.execute(
-                    "UPDATE coins SET status = ? WHERE id = ? AND status = ?", (QUEUED, claim.coin_id, RUNNING)
+                    "UPDATE coins SET status = ?, claim = 0 WHERE id = ? AND status = ? AND claim = ?",
+                    (QUEUED, claim.coin_id, RUNNING, claim.token),
                 )
+
+    def claim_alive(self, claim: Claim) -> bool:
+        with self._lock:
+            if claim.generation != self._generation:
+                return False
+            row = self._conn.execute(
+                "SELECT 1 FROM coins WHERE id = ? AND status = ? AND claim = ?", (claim.coin_id, RUNNING, claim.token)
+            ).fetchone()
+            return row is not None
+
+    def has_batch(self, batch_id: str) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is not None
 
     def record(self, coin_id: str) -> CoinRecord | None:
         with self._lock:
@@ -706,10 +790,10 @@ class SqliteStore(Store):
                 row[0]
                 for row in conn.execute(
                     "SELECT DISTINCT e.coin_id FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
-                    " WHERE e.batch_id = ? AND e.kind = ? AND c.status = ? AND NOT EXISTS ("
+                    " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND NOT EXISTS ("
                     "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id)"
                     " ORDER BY c.task_run",
-                    (batch_id, COIN, QUEUED),
+                    (batch_id, COIN, QUEUED, RUNNING),
                 )
             ]
             conn.executemany("DELETE FROM coins WHERE id = ?", [(coin_id,) for coin_id in cancelled])
@@ -730,7 +814,8 @@ class SqliteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-            self._lock_file.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
 
 
 def _row_to_record(row: tuple) -> CoinRecord:
@@ -738,19 +823,34 @@ def _row_to_record(row: tuple) -> CoinRecord:
     return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None, error)
 
 
-def _lock_exclusively(path: str):
-    handle = open(path, "a")  # noqa: SIM115 - held open for the store's lifetime
+def _lock_exclusively(path: str, wait: float):
+    """Hold ``<file>.lock`` beside the real file (links resolved), waiting up to ``wait`` seconds for it.
+
+    The wait lets a reloaded gunicorn worker take over from the one it replaces.
+    """
+    lock_path = os.path.realpath(path) + ".lock"
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle = open(lock_path, "a")  # noqa: SIM115 - held open for the store's lifetime
     except OSError as exc:
-        handle.close()
-        raise StoreError(
-            f"another process is using {path.removesuffix('.lock')!r}: one process owns a COINS_DB file "
-            "(run one service, and gunicorn with --workers 1)"
-        ) from exc
-    return handle
+        raise StoreError(f"cannot open COINS_DB {path!r}: {exc.strerror} ({os.path.dirname(lock_path)})") from exc
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise StoreError(
+                    f"another process is using {path!r}: one process owns a COINS_DB file "
+                    "(run one service, and gunicorn with --workers 1)"
+                ) from exc
+            time.sleep(0.05)
 
 
-def open_store(db_path: str | None) -> Store:
+MEMORY_PATH = ":memory:"
+
+
+def open_store(db_path: str | None, lock_wait: float = 0.0) -> Store:
     """The store the configuration asks for: SQLite at ``db_path``, else in memory."""
-    return SqliteStore(db_path) if db_path else MemoryStore()
+    return SqliteStore(db_path, lock_wait=lock_wait) if db_path else MemoryStore()

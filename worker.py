@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from coingecko_client import CoinGeckoClient, CoinGeckoError, CoinNotFound, Stopped, UpstreamUnavailable
+from coingecko_client import Cancelled, CoinGeckoClient, CoinGeckoError, CoinNotFound, Stopped, UpstreamUnavailable
 from store import DONE, FAILED, Claim, Outcome, Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Worker:
         self._stats_lock = threading.Lock()
         self._finished = 0
         self._calls_for_finished = 0
+        self._in_flight_lock = threading.Lock()
+        self._in_flight: dict[int, Claim] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -65,12 +67,20 @@ class Worker:
         log.info("worker started: %d thread(s)", self.concurrency)
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking coins; a coin still in flight after ``timeout`` is put back in the queue."""
         self._stop.set()
         self.client.close()
         with self._wake:
             self._wake.notify_all()
+        deadline = self._clock() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - self._clock()))
+        with self._in_flight_lock:
+            stranded = list(self._in_flight.values())
+            self._in_flight.clear()
+        for claim in stranded:
+            self.store.release(claim)
+            log.info("coin %s: put back in the queue (the service is stopping)", claim.coin_id)
 
     def notify(self) -> None:
         """Wake idle threads: coins were queued."""
@@ -129,6 +139,8 @@ class Worker:
                 if not self.process_next():
                     self._idle_until_signalled(index, seen)
             except Exception:
+                if self._stop.is_set():
+                    return
                 log.exception("worker thread error; going on in a second")
                 self._stop.wait(1.0)
 
@@ -153,6 +165,17 @@ class Worker:
         claim = self.store.claim_next()
         if claim is None:
             return False
+        key = threading.get_ident()
+        with self._in_flight_lock:
+            self._in_flight[key] = claim
+        try:
+            self._process(claim)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(key, None)
+        return True
+
+    def _process(self, claim: Claim) -> None:
         started = self._clock()
         calls_before = self.client.calls_by_this_thread()
         try:
@@ -160,16 +183,19 @@ class Worker:
         except UpstreamUnavailable as exc:
             self.store.release(claim)
             self._pause(str(exc))
-            return True
+            return
         except Stopped:
             self.store.release(claim)
-            return True
+            return
+        except Cancelled as exc:
+            log.info("%s: stopped fetching", exc)
+            return
         if outcome.status != FAILED:
             self._resume()
         calls = self.client.calls_by_this_thread() - calls_before
         if not self.store.finish(claim, outcome):
-            log.info("coin %s: dropped, the store was cleared while it was fetched", claim.coin_id)
-            return True
+            log.info("coin %s: dropped, it was cancelled while it was fetched", claim.coin_id)
+            return
         with self._stats_lock:
             self._finished += 1
             self._calls_for_finished += calls
@@ -179,18 +205,17 @@ class Worker:
                      claim.coin_id, len(outcome.exchanges), pages, calls, seconds)
         else:
             log.info("coin %s %s: %s (%d calls, %.1fs)", claim.coin_id, outcome.status, outcome.error, calls, seconds)
-        return True
 
     def _retrieve(self, claim: Claim) -> tuple[Outcome, int]:
         """The outcome of one coin; every error but a pause or a stop is the coin's outcome."""
         try:
             if self.client.is_listed(claim.coin_id) is False:
                 return Outcome.invalid("not a CoinGecko coin ID (absent from coins/list)"), 0
-            retrieval = self.client.fetch_exchanges(claim.coin_id)
+            retrieval = self.client.fetch_exchanges(claim.coin_id, lambda: self.store.claim_alive(claim))
             return Outcome.done(retrieval.exchanges), retrieval.pages
         except CoinNotFound:
             return Outcome.invalid("not a CoinGecko coin ID (tickers answered 404)"), 0
-        except (UpstreamUnavailable, Stopped):
+        except (UpstreamUnavailable, Stopped, Cancelled):
             raise
         except CoinGeckoError as exc:
             return Outcome.failed(str(exc)), 0

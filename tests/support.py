@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +54,8 @@ class Process:
         return "\n".join(self.lines)
 
     def kill(self) -> None:
-        self.proc.kill()
+        """``kill -9`` of the service and every process it started, as a container engine does."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
 
@@ -68,7 +70,7 @@ def running(command: list[str], env: dict[str, str], url: str, ready_path: str):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("COINGECKO_", "COINS_", "WORKER_"))}
     full_env.update(env)
     proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
     process = Process(proc, url)
     threading.Thread(target=_collect, args=(proc, process.lines), daemon=True).start()
     try:

@@ -238,6 +238,7 @@ def test_gives_up_after_the_last_attempt_with_the_reason(fake_time):
 def test_backoff_grows_exponentially_and_is_capped(fake_time):
     client = make_client(fake_time, max_attempts=8, backoff=1.0, max_backoff=10.0, rate_limit=1_000_000)
     responses.get(f"{API}/coins/coin/tickers", body=requests.ConnectionError("refused"))
+    responses.get(f"{API}/ping", json={"gecko_says": "(V3) To the Moon!"})
 
     with pytest.raises(CoinFetchError):
         client.fetch_exchanges("coin")

@@ -9,10 +9,11 @@ import pytest
 from store import (
     DONE,
     FAILED,
+    INVALID,
     QUEUED,
-    RUNNING,
     BatchClosed,
     BatchNotFound,
+    CoinRecord,
     Outcome,
     SqliteStore,
     StoreError,
@@ -104,7 +105,9 @@ def test_malformed_entries_are_never_queued(store):
     assert result.invalid == ["a/b", "y" * 210 + "…"]
     assert result.task_runs == {"ok": 1, "a/b": 2, "y" * 210 + "…": 3}
     assert run_all(store) == ["ok"]
-    assert store.record("a/b") is None
+    assert store.record("a/b") == CoinRecord(
+        "a/b", 2, INVALID, error="malformed ID: contains '/'; it is never sent to CoinGecko"
+    )
 
 
 def test_unknown_or_closed_batch_changes_nothing(store):
@@ -153,18 +156,19 @@ def test_batch_filter_lists_a_batchs_done_coins(store):
         store.done_index(batch_id="nope")
 
 
-def test_delete_batch_cancels_only_its_unwanted_queued_coins(store):
+def test_delete_batch_cancels_only_its_unwanted_queued_and_running_coins(store):
     first = store.submit(["a", "b", "c", "d"])
     store.submit(["c"])
     running = store.claim_next()
     assert running.coin_id == "a"
 
-    assert store.delete_batch(first.batch) == ["b", "d"]
+    assert store.delete_batch(first.batch) == ["a", "b", "d"]
 
     assert store.batch(first.batch) is None
-    assert store.record("b") is None and store.record("d") is None
-    assert store.record("a").status == RUNNING
-    assert store.finish(running, Outcome.done([]))
+    assert store.record("a") is None and store.record("b") is None and store.record("d") is None
+    assert not store.claim_alive(running)
+    assert not store.finish(running, Outcome.done([]))
+    assert store.record("a") is None
     assert run_all(store) == ["c"]
     with pytest.raises(BatchNotFound):
         store.delete_batch(first.batch)

@@ -24,7 +24,7 @@ class ScriptedClient(CoinGeckoClient):
     def is_listed(self, coin_id: str) -> bool | None:
         return None if self.listed is None else coin_id in self.listed
 
-    def fetch_exchanges(self, coin_id: str) -> Retrieval:
+    def fetch_exchanges(self, coin_id: str, keep_going=None) -> Retrieval:
         self.fetched.append(coin_id)
         self._count_call()
         answer = self.script.get(coin_id, ["ex"])

@@ -1,0 +1,118 @@
+"""The production server: gunicorn, embedded for ``python app.py`` and set up for the image.
+
+``python app.py``, the image and ``gunicorn 'app:create_app()'`` (which reads
+``gunicorn.conf.py``) all run the same server with the same hooks:
+
+* one worker process (the queue and the store live in it) with ``THREADS`` threads, so
+  that slow clients cannot take every thread while ``/healthz`` waits;
+* a worker that writes the refusals gunicorn makes itself (a 64 KB path, a broken request
+  line) as JSON, like every other answer;
+* ``worker_exit`` shuts the service down cleanly on SIGTERM and on a reload (SIGHUP):
+  the coin in flight goes back in the queue and the store is closed, which lets the new
+  worker of a reload take the store over.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+
+from gunicorn import util
+from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
+
+log = logging.getLogger(__name__)
+
+THREADS = 64
+GRACEFUL_SECONDS = 5
+PR_SET_PDEATHSIG = 1
+
+# What gunicorn.conf.py hands to the gunicorn command line, and serve() to the embedded server.
+SETTINGS = {
+    "workers": 1,
+    "threads": THREADS,
+    "worker_class": "server.JsonErrorWorker",
+    "graceful_timeout": GRACEFUL_SECONDS,
+    "accesslog": "-",
+}
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own refusals (400, 414, 431 …) as ``{"error": ...}``, like the application's."""
+    body = json.dumps({"error": f"{reason}: {mesg}" if mesg else reason}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gunicorn's threaded worker, but every answer it writes itself is JSON.
+
+    gunicorn offers no hook for the body of its own errors; its worker writes them through
+    ``gunicorn.util.write_error``, which this worker process replaces.
+    """
+
+    def init_process(self) -> None:
+        util.write_error = write_json_error
+        super().init_process()
+
+
+def worker_exit(server, worker) -> None:
+    """gunicorn hook: the worker process is ending (SIGTERM, a reload): shut the service down."""
+    app = getattr(worker, "wsgi", None)
+    services = getattr(app, "extensions", {}).get("coin_retriever")
+    if services is not None:
+        services.shutdown()
+
+
+def post_fork(server, worker) -> None:
+    """gunicorn hook, in a new worker: die with the master, even on its ``kill -9``.
+
+    The worker holds the store; were it to outlive a killed master, a restarted service
+    would find the store taken. Linux only; elsewhere the worker notices within a second.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server.pid:
+        os._exit(1)
+
+
+def on_starting(server) -> None:
+    """gunicorn hook, in the master before any worker: refuse settings that cannot work (exit 2)."""
+    from app import check_config
+
+    check_config()
+
+
+class EmbeddedServer(BaseApplication):
+    """gunicorn run from Python, its documented way: settings from here, the app built in the worker."""
+
+    def __init__(self, config) -> None:
+        self.service_config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        host = self.service_config.host
+        bind_host = f"[{host}]" if ":" in host else host
+        for name, value in {**SETTINGS, "bind": f"{bind_host}:{self.service_config.port}"}.items():
+            self.cfg.set(name, value)
+
+    def load(self):
+        from app import create_app
+
+        return create_app(self.service_config)
+
+
+SETTINGS.update(post_fork=post_fork, worker_exit=worker_exit)
+
+
+def serve(config) -> None:
+    """Serve the service with gunicorn until SIGTERM or SIGINT (exit status 0)."""
+    EmbeddedServer(config).run()

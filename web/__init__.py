@@ -1,0 +1,78 @@
+"""The HTTP side: one blueprint per group of routes, and what they share.
+
+``register_web`` is all the factory calls; each view reaches the store, the worker
+and the listing caches through ``services()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from flask import Flask, current_app
+
+from store import MemoryStore, Store
+from worker import Worker
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "coin_retriever"
+
+
+class ApiError(Exception):
+    """A request the API refuses: answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class Services:
+    """What the views use, and the one place that shuts it all down."""
+
+    store: Store
+    worker: Worker
+    listing: object = None
+    _closed: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        from web.coins import CoinListing
+
+        if self.listing is None:
+            self.listing = CoinListing(self.store)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop taking coins, put the ones in flight back in the queue, and close the store."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.worker.stop(timeout)
+        if isinstance(self.store, MemoryStore):
+            queued = self.store.status_counts()["queued"]
+            if queued:
+                log.warning("shutting down: %d queued coin(s) dropped (the store is in memory; set COINS_DB "
+                            "to keep them)", queued)
+        self.store.close()
+        log.info("shut down cleanly")
+
+
+def services() -> Services:
+    return current_app.extensions[EXTENSION]
+
+
+def register_web(app: Flask, svc: Services) -> None:
+    from web import batches, coins, errors, health
+    from web.submission import MAX_BODY_BYTES
+
+    app.extensions[EXTENSION] = svc
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    for module in (coins, batches, health):
+        app.register_blueprint(module.blueprint)
+    errors.register(app)

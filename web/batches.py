@@ -1,0 +1,46 @@
+"""``/batches``: progress of each submission, and forgetting one."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from store import BatchNotFound, BatchSummary
+from web import Services, services
+
+blueprint = Blueprint("batches", __name__)
+
+
+@blueprint.get("/batches")
+def list_batches():
+    svc = services()
+    return jsonify(batches=[batch_view(summary, svc) for summary in svc.store.batches()])
+
+
+@blueprint.get("/batches/<batch_id>")
+def get_batch(batch_id: str):
+    svc = services()
+    summary = svc.store.batch(batch_id)
+    if summary is None:
+        raise BatchNotFound(batch_id)
+    return jsonify(batch_view(summary, svc))
+
+
+@blueprint.delete("/batches/<batch_id>")
+def delete_batch(batch_id: str):
+    cancelled = services().store.delete_batch(batch_id)
+    return jsonify(deleted=batch_id, cancelled=cancelled)
+
+
+def batch_view(summary: BatchSummary, svc: Services) -> dict:
+    view = {
+        "batch": summary.id,
+        **summary.counts,
+        "closed": summary.closed,
+        "complete": summary.complete,
+        "eta": None,
+    }
+    remaining = summary.counts["queued"] + summary.counts["running"]
+    if remaining:
+        ahead = svc.store.queued_up_to(summary.last_queued_task_run) if summary.last_queued_task_run else 0
+        view["eta"] = svc.worker.eta_seconds(ahead + summary.counts["running"])
+    return view

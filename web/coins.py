@@ -1,0 +1,153 @@
+"""``/coins``: submitting IDs, the listing of finished records, one record, clearing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+from flask import Blueprint, Response, jsonify, request
+
+from store import DONE, FAILED, INVALID, BatchNotFound, CoinRecord, Store, stored_id
+from web import ApiError, services
+from web.submission import parse_submission, query_batch
+
+log = logging.getLogger(__name__)
+
+MAX_TASK_RUN = 2**63 - 1
+
+blueprint = Blueprint("coins", __name__)
+
+
+@blueprint.post("/coins")
+def submit_coins():
+    submission = parse_submission()
+    svc = services()
+    result = svc.store.submit(submission.coin_ids, submission.batch, submission.last)
+    if result.queued:
+        svc.worker.notify()
+    body = {
+        "batch": result.batch,
+        "queued": result.queued,
+        "duplicates": result.duplicates,
+        "invalid": result.invalid,
+        "taskRuns": result.task_runs,
+    }
+    return jsonify(body), 202, {"Location": f"/batches/{result.batch}"}
+
+
+@blueprint.get("/coins")
+def list_coins():
+    since = query_since()
+    batch = query_batch()
+    svc = services()
+    if batch is not None and not svc.store.has_batch(batch):
+        raise BatchNotFound(batch)
+    etag = svc.listing.etag(since, batch)
+    if request.if_none_match.contains_weak(etag.strip('"')):
+        return Response(status=304, headers={"ETag": etag})
+    return Response(svc.listing.body(since, batch), mimetype="application/json", headers={"ETag": etag})
+
+
+@blueprint.delete("/coins")
+def clear_coins():
+    svc = services()
+    dropped = svc.store.clear()
+    svc.listing.clear()
+    log.info("DELETE /coins: %d coin(s) forgotten, counter reset", dropped)
+    return jsonify(deleted=dropped)
+
+
+@blueprint.get("/coins/<path:coin_id>")
+def get_coin(coin_id: str):
+    record = services().store.record(stored_id(coin_id.strip().lower()))
+    if record is None:
+        raise ApiError(404, f"coin {coin_id[:210]!r} was never submitted: POST it to /coins first")
+    return jsonify(coin_view(record))
+
+
+def query_since() -> int:
+    raw = request.args.get("since")
+    if raw is None or raw.strip() == "":
+        return 0
+    try:
+        since = int(raw)
+    except ValueError:
+        raise ApiError(400, f"?since= takes a taskRun number, not {raw[:20]!r}") from None
+    if since < 0:
+        raise ApiError(400, "?since= takes a taskRun number of 0 or more")
+    return min(since, MAX_TASK_RUN)
+
+
+def coin_view(record: CoinRecord) -> dict:
+    view = {"id": record.id, "status": record.status, "taskRun": record.task_run}
+    if record.status == DONE:
+        view["exchanges"] = list(record.exchanges or ())
+    if record.status in (INVALID, FAILED):
+        view["error"] = record.error
+    return view
+
+
+class CoinListing:
+    """Encoded ``GET /coins`` bodies, for polls that cost little however large the listing.
+
+    A body is kept until the store's listing changes. Then it is joined again from each
+    record's encoded fragment, and only records not seen before are encoded: a done record
+    never changes until the store is cleared (a new generation), which drops the fragments.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._instance = os.urandom(4).hex()
+        self._bodies: dict[tuple, bytes] = {}
+        self._bodies_version: int | None = None
+        self._fragments: dict[str, bytes] = {}
+        self._fragments_generation: int | None = None
+
+    def etag(self, since: int, batch: str | None) -> str:
+        return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}"'
+
+    def clear(self) -> None:
+        """Drop every cached body and fragment (after ``DELETE /coins``, so the memory is freed now)."""
+        with self._lock:
+            self._bodies, self._bodies_version = {}, None
+            self._fragments, self._fragments_generation = {}, None
+
+    def body(self, since: int, batch: str | None) -> bytes:
+        version = self._store.listing_version()
+        key = (since, batch)
+        with self._lock:
+            if self._bodies_version == version and key in self._bodies:
+                return self._bodies[key]
+        body = b'{"coins":[' + b",".join(self._fragments_of(self._store.generation(), since, batch)) + b"]}"
+        with self._lock:
+            if self._bodies_version != version:
+                self._bodies, self._bodies_version = {}, version
+            if len(self._bodies) < 64:
+                self._bodies[key] = body
+        return body
+
+    def _fragments_of(self, generation: int, since: int, batch: str | None) -> list[bytes]:
+        index = self._store.done_index(since, batch)
+        with self._lock:
+            if generation != self._fragments_generation:
+                self._fragments, self._fragments_generation = {}, generation
+            known = self._fragments
+            missing = [coin_id for _, coin_id in index if coin_id not in known]
+        new = {}
+        for coin_id in missing:
+            record = self._store.record(coin_id)
+            if record is not None and record.status == DONE:
+                new[coin_id] = encode_listed(record)
+        still_current = self._store.generation() == generation
+        with self._lock:
+            if still_current and self._fragments_generation == generation:
+                self._fragments.update(new)
+        return [fragment for _, coin_id in index if (fragment := known.get(coin_id) or new.get(coin_id))]
+
+
+def encode_listed(record: CoinRecord) -> bytes:
+    listed = {"exchanges": list(record.exchanges or ()), "id": record.id, "taskRun": record.task_run}
+    return json.dumps(listed, separators=(",", ":")).encode()

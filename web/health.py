@@ -1,0 +1,24 @@
+"""``/healthz``: is the worker running, and if not, why."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from web import services
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/healthz")
+def healthz():
+    svc = services()
+    state = svc.worker.state()
+    counts = svc.store.status_counts()
+    body = {
+        "status": "ok" if state["state"] == "running" else "unavailable",
+        "worker": state,
+        "queue": counts["queued"],
+        "coins": counts,
+        "upstream": svc.worker.client.stats(),
+    }
+    return jsonify(body), 200 if state["state"] == "running" else 503

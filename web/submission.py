@@ -1,0 +1,194 @@
+"""Reading a ``POST /coins`` body: JSON, CSV or plain text, under hard bounds."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import io
+import json
+import re
+import socket
+import threading
+from dataclasses import dataclass
+
+from flask import request
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+
+from web import ApiError
+
+MAX_BODY_BYTES = 5 * 1024 * 1024
+MAX_ENTRIES = 50_000
+BODY_SECONDS = 10.0
+SUPPORTED_TYPES = ("application/json", "text/csv", "text/plain")
+CSV_HEADERS = ("coins", "id")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no", "")
+PLAIN_SEPARATORS = re.compile(r"[,\s]+")
+
+
+@dataclass
+class Submission:
+    coin_ids: list[str]
+    batch: str | None = None
+    last: bool = False
+    refresh: bool = False
+
+
+def parse_submission() -> Submission:
+    """Read the request's body and options; raise ApiError for anything unusable."""
+    mimetype = request.mimetype
+    if mimetype not in SUPPORTED_TYPES and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        shown = f"'{mimetype}'" if mimetype else "no Content-Type"
+        raise ApiError(
+            415,
+            f"unsupported content type ({shown[:80]}): send application/json, text/csv or text/plain, "
+            "e.g. curl -H 'Content-Type: application/json' -d '{\"coins\": [\"bitcoin\"]}'",
+        )
+    text = _decode_body(_read_body())
+    submission = Submission([], query_batch(), query_flag("last") or query_flag("lastBatch"), query_flag("refresh"))
+    if mimetype == "text/csv":
+        raw = _csv_ids(text)
+    elif mimetype == "text/plain":
+        raw = PLAIN_SEPARATORS.split(text)
+    else:
+        raw = _json_ids(text, submission)
+    coin_ids = [coin_id for entry in raw if (coin_id := entry.strip().lower())]
+    if len(coin_ids) > MAX_ENTRIES:
+        raise ApiError(413, f"{len(coin_ids)} entries: at most {MAX_ENTRIES} a request; split the list into batches")
+    if not coin_ids and submission.batch is None:
+        raise ApiError(400, "no coin IDs in the body: send at least one, e.g. {\"coins\": [\"bitcoin\"]}")
+    submission.coin_ids = coin_ids
+    return submission
+
+
+def _read_body() -> bytes:
+    """The body, refused past the size limit (chunked ones too) and past ``BODY_SECONDS``.
+
+    Under gunicorn a slow client would hold a server thread for as long as it likes;
+    a timer shuts the socket's reading side when the time is up.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    expired = threading.Event()
+    timer = threading.Timer(BODY_SECONDS, _stop_reading, (sock, expired)) if sock is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    chunks, size = [], 0
+    try:
+        while size <= MAX_BODY_BYTES:
+            chunk = request.stream.read(min(1 << 16, MAX_BODY_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (OSError, ClientDisconnected):
+        if not expired.is_set():
+            raise ApiError(400, "the body ended before its Content-Length said it would") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if expired.is_set():
+        raise ApiError(408, f"the body took over {BODY_SECONDS:g} s to arrive: send it in one go",
+                       {"Connection": "close"})
+    if size > MAX_BODY_BYTES:
+        raise RequestEntityTooLarge()
+    return b"".join(chunks)
+
+
+def _stop_reading(sock: socket.socket, expired: threading.Event) -> None:
+    expired.set()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
+
+
+def _decode_body(data: bytes) -> str:
+    charset = request.mimetype_params.get("charset", "utf-8")
+    try:
+        codec = codecs.lookup(charset)
+    except LookupError:
+        codec = None
+    if codec is None or not getattr(codec, "_is_text_encoding", True):
+        raise ApiError(415, f"unknown or non-text charset {charset[:40]!r}: send UTF-8")
+    if codec.name == "utf-8":
+        charset = "utf-8-sig"
+    try:
+        return data.decode(charset)
+    except UnicodeError as exc:
+        where = f" (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else ""
+        raise ApiError(400, f"the body is not valid {codec.name}{where}: send UTF-8") from None
+
+
+def query_batch() -> str | None:
+    batch = request.args.get("batch")
+    return batch.strip() or None if batch is not None else None
+
+
+def query_flag(name: str) -> bool:
+    value = request.args.get(name)
+    if value is None:
+        return False
+    value = value.strip().lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise ApiError(400, f"?{name}= takes true or false, not {value[:20]!r}")
+    return value in TRUE_WORDS
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_ids(text: str, submission: Submission) -> list:
+    """The entries of a JSON body; its ``batch``, ``last`` and ``refresh`` members go into ``submission``."""
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply; send {\"coins\": [\"bitcoin\", ...]}") from None
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON ({exc}); send {{\"coins\": [\"bitcoin\", ...]}}") from None
+    if isinstance(body, dict):
+        if "coins" not in body:
+            raise ApiError(400, "missing 'coins': send {\"coins\": [\"bitcoin\", ...]} or a bare array")
+        coins = body["coins"]
+        if body.get("batch") is not None:
+            if not isinstance(body["batch"], str) or not body["batch"].strip():
+                raise ApiError(400, "'batch' must be the batch id string from an earlier answer")
+            submission.batch = body["batch"].strip()
+        submission.last = _json_flag(body, "last") or _json_flag(body, "lastBatch") or submission.last
+        submission.refresh = _json_flag(body, "refresh") or submission.refresh
+    elif isinstance(body, list):
+        coins = body
+    else:
+        raise ApiError(400, "the JSON body must be an object {\"coins\": [...]} or an array of coin IDs")
+    if not isinstance(coins, list):
+        raise ApiError(400, f"'coins' must be a list of coin ID strings, not {_json_type(coins)}")
+    for index, entry in enumerate(coins):
+        if not isinstance(entry, str):
+            raise ApiError(400, f"entry {index} of 'coins' is {_json_type(entry)}, not a string")
+    return coins
+
+
+def _json_flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false")
+    return bool(value)
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _csv_ids(text: str) -> list[str]:
+    try:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(text, newline=""))]
+    except csv.Error as exc:
+        raise ApiError(400, f"malformed CSV ({exc}); send one coin ID a row") from None
+    rows = [row for row in rows if any(row)]
+    if not rows:
+        return []
+    header = [cell.lower() for cell in rows[0]]
+    column = next((header.index(name) for name in CSV_HEADERS if name in header), None)
+    if column is None:
+        return [cell for row in rows for cell in row]
+    return [row[column] for row in rows[1:] if column < len(row)]

@@ -103,11 +103,8 @@ def _stop_reading(sock: socket.socket, expired: threading.Event) -> None:
 
 def _decode_body(data: bytes) -> str:
     charset = request.mimetype_params.get("charset", "utf-8")
-    try:
-        codec = codecs.lookup(charset)
-    except LookupError:
-        codec = None
-    if codec is None or not getattr(codec, "_is_text_encoding", True):
+    codec = _text_codec(charset)
+    if codec is None:
         raise ApiError(415, f"unknown or non-text charset {charset[:40]!r}: send UTF-8")
     if codec.name == "utf-8":
         charset = "utf-8-sig"
@@ -116,6 +113,21 @@ def _decode_body(data: bytes) -> str:
     except UnicodeError as exc:
         where = f" (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else ""
         raise ApiError(400, f"the body is not valid {codec.name}{where}: send UTF-8") from None
+
+
+def _text_codec(charset: str) -> codecs.CodecInfo | None:
+    """The codec that decodes bytes to text under ``charset``; None for rot13, base64, zlib, "undefined" …"""
+    try:
+        codec = codecs.lookup(charset)
+    except LookupError:
+        return None
+    if not getattr(codec, "_is_text_encoding", True):
+        return None
+    try:
+        codec.decode(b"")
+    except UnicodeError:
+        return None
+    return codec
 
 
 def query_batch() -> str | None:

@@ -258,6 +258,8 @@ class CoinGeckoClient:
         answered = False
         while True:
             self.limiter.acquire()
+            if self._stop.is_set():
+                raise Stopped("the client was closed")
             calls += 1
             self._count_call()
             try:

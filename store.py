@@ -54,7 +54,7 @@ class BatchClosed(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CoinRecord:
     id: str
     task_run: int
@@ -63,7 +63,7 @@ class CoinRecord:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claim:
     """A coin handed to the worker; ``token`` is this claim's alone, so a cancelled one cannot land."""
 
@@ -73,7 +73,7 @@ class Claim:
     token: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     status: str
     exchanges: tuple[str, ...] = ()
@@ -101,14 +101,14 @@ class SubmitResult:
     task_runs: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchEntry:
     coin_id: str
     task_run: int
     kind: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchSummary:
     id: str
     created: float
@@ -239,7 +239,7 @@ def tally(groups: Iterable[tuple[str, str | None, int, int]]) -> BatchCounts:
     return BatchCounts(counts, last_queued)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchCounts:
     counts: dict[str, int]
     last_queued_task_run: int | None

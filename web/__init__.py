@@ -45,7 +45,7 @@ class Services:
         if self.listing is None:
             self.listing = CoinListing(self.store)
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def shutdown(self, timeout: float = 3.0) -> None:
         """Stop taking coins, put the ones in flight back in the queue, and close the store."""
         if self._closed.is_set():
             return

@@ -13,6 +13,7 @@ import email.utils
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 import requests
+
+from credits import Credits, iso
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,16 @@ PLANS = {
 
 PAGE_SIZE = 100
 PROBE_PATH = "/ping"
+KEY_PATH = "/key"
+# What to change for each of CoinGecko's own error codes (its answers' status.error_code).
+ERROR_ADVICE = {
+    10002: "the key is missing or wrong: set COINGECKO_API_KEY to a valid key",
+    10005: "the plan does not include this endpoint: check COINGECKO_PLAN and COINGECKO_API_URL",
+    10010: "a pro key was sent to the public host: set COINGECKO_PLAN=pro",
+    10011: "a demo key was sent to the pro host: set COINGECKO_PLAN=demo",
+}
+CLOUDFLARE_CODE = re.compile(rb"error code:?\s*(\d{4})", re.IGNORECASE)
+LAST_PAGE = re.compile(r"[?&]page=(\d+)[^>]*>\s*;\s*rel=\"?last\"?")
 MAX_PAGES = 1000
 COINS_LIST_TTL = 600.0
 # Slots are spaced this much wider than 60 s / limit, so that network jitter
@@ -64,6 +77,14 @@ class UpstreamUnavailable(CoinGeckoError):
     """No call can succeed until an operator acts (a bad key, a wrong base URL)."""
 
 
+class CreditsExhausted(UpstreamUnavailable):
+    """The month's credits are spent: no call until the month turns."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+
 class Stopped(CoinGeckoError):
     """The client was closed while a call waited."""
 
@@ -76,11 +97,23 @@ class _Transient(Exception):
     """A fault worth another attempt."""
 
 
+Ticker = tuple[str, str | None, str | None]
+
+
 @dataclass(frozen=True)
 class Retrieval:
+    """One pass over a coin's pages.
+
+    ``consistent`` is False when page drift showed: a ticker on two pages, or fewer
+    distinct tickers than the upstream's ``total``.
+    """
+
     exchanges: tuple[str, ...]
     pages: int
     calls: int
+    tickers: frozenset[Ticker] = frozenset()
+    total: int | None = None
+    consistent: bool = True
 
 
 class RateLimiter:
@@ -97,15 +130,19 @@ class RateLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if per_minute <= 0:
-            raise ValueError("the rate limit must be positive")
-        self.interval = 60.0 / per_minute * SPACING_MARGIN
+        self.set_rate(per_minute)
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next_slot = -math.inf
         self._paused_until = -math.inf
         self._pauses = 0
+
+    def set_rate(self, per_minute: float) -> None:
+        if per_minute <= 0:
+            raise ValueError("the rate limit must be positive")
+        self.per_minute = per_minute
+        self.interval = 60.0 / per_minute * SPACING_MARGIN
 
     def acquire(self) -> None:
         """Wait for this caller's slot; take a new one if a pause began meanwhile."""
@@ -172,6 +209,7 @@ class CoinGeckoClient:
         max_pages: int = MAX_PAGES,
         list_ttl: float = COINS_LIST_TTL,
         concurrency: int = 1,
+        credits: Credits | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
@@ -190,8 +228,10 @@ class CoinGeckoClient:
         self._rng = rng or random.Random()
         self.limiter = RateLimiter(rate_limit, clock=clock, sleep=self._sleep)
         self.rate_limit_backoff = rate_limit_backoff or max(1.0, 2 * self.limiter.interval)
+        self.credits = credits or Credits()
+        self._secret = api_key if api_key and key_header else None
         self._session = session or _session_for(concurrency)
-        if api_key and key_header:
+        if self._secret:
             self._session.headers[key_header] = api_key
         self._session.headers.setdefault("Accept", "application/json")
         self._stats_lock = threading.Lock()
@@ -260,11 +300,18 @@ class CoinGeckoClient:
             self.limiter.acquire()
             if self._stop.is_set():
                 raise Stopped("the client was closed")
+            if not self.credits.reserve():
+                raise CreditsExhausted(
+                    f"the month's {self.credits.limit} CoinGecko credits are used (COINGECKO_MONTHLY_CREDITS); "
+                    f"calls resume when they reset at {iso(self.credits.resets_at())}",
+                    self.credits.seconds_to_reset(),
+                )
             calls += 1
             self._count_call()
+            response = None
             try:
                 response = self._session.get(self.base_url + path, params=params, timeout=self.timeout)
-                if response.status_code == 429:
+                if response.status_code == 429 or _cloudflare_code(response) == 1015:
                     self._back_off_rate_limit(response, path)
                     continue
                 self._consecutive_429 = 0
@@ -286,13 +333,30 @@ class CoinGeckoClient:
                 log.warning("GET %s: %s; attempt %d of %d, retrying in %.1fs",
                             path, reason, failures, self.max_attempts, delay)
                 self._sleep(delay)
+            finally:
+                self.credits.settle(response is not None and response.status_code == 200)
+
+    def _refusal(self, response: requests.Response) -> str | None:
+        """Why CoinGecko refuses every call (a key, a plan, a firewall), with what to change; else None."""
+        status = response.status_code
+        if _cloudflare_code(response) == 1020:
+            return (f"CoinGecko's firewall (Cloudflare error 1020, HTTP {status}) blocks this machine's address; "
+                    "it is not a key problem: run from another network or ask CoinGecko to lift the block")
+        code, message = _error_code(response)
+        if code in ERROR_ADVICE or status in (401, 403):
+            quoted = f"HTTP {status}, error {code}: {message}" if code is not None else f"HTTP {status}"
+            advice = ERROR_ADVICE.get(code, "check COINGECKO_API_KEY and COINGECKO_PLAN")
+            return self._redact(f"CoinGecko refused the request ({quoted}): {advice}")
+        return None
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "[redacted]") if self._secret else text
 
     def _check(self, response: requests.Response) -> object:
         status = response.status_code
-        if status in (401, 403):
-            raise UpstreamUnavailable(
-                f"CoinGecko refused the request with HTTP {status}: check COINGECKO_API_KEY and COINGECKO_PLAN"
-            )
+        refusal = self._refusal(response) if status != 200 else None
+        if refusal is not None:
+            raise UpstreamUnavailable(refusal)
         if status == 404:
             raise CoinNotFound(f"CoinGecko answered 404 for {response.request.path_url.split('?')[0]}")
         if status >= 500:
@@ -341,14 +405,16 @@ class CoinGeckoClient:
     # -- coins --------------------------------------------------------------------------------
 
     def fetch_exchanges(self, coin_id: str, keep_going: Callable[[], bool] | None = None) -> Retrieval:
-        """Every exchange ``coin_id`` trades on, over all its ticker pages, each page fetched once.
+        """One pass over every ticker page of ``coin_id``, each page fetched once.
 
         ``keep_going`` is asked before every page after the first; False raises Cancelled.
         """
         path = f"/coins/{quote(coin_id, safe='')}/tickers"
-        exchanges: set[str] = set()
+        seen: set[Ticker] = set()
+        drifted = False
         calls = 0
         pages_needed: int | None = None
+        total: int | None = None
         page = 0
         while True:
             page += 1
@@ -359,15 +425,31 @@ class CoinGeckoClient:
             body, headers, made = self._get(path, {"page": page})
             calls += made
             tickers = _tickers_of(body)
-            exchanges.update(_identifiers(tickers))
+            on_page = set(_ticker_keys(tickers))
+            drifted = drifted or not seen.isdisjoint(on_page)
+            seen |= on_page
             if page == 1:
+                total = _total_from_headers(headers)
                 pages_needed = _pages_from_headers(headers)
                 if pages_needed is not None and pages_needed > self.max_pages:
                     raise CoinFetchError(
                         f"CoinGecko reports {headers.get('total')} tickers: more than {self.max_pages} pages"
                     )
             if not tickers or (len(tickers) < PAGE_SIZE if pages_needed is None else page >= pages_needed):
-                return Retrieval(tuple(sorted(exchanges)), page, calls)
+                consistent = not drifted and (total is None or len(seen) >= total)
+                exchanges = tuple(sorted({identifier for identifier, _, _ in seen}))
+                return Retrieval(exchanges, page, calls, frozenset(seen), total, consistent)
+
+    def read_key(self) -> dict | None:
+        """A pro key's own account (``GET /key``: its plan, rate limit and credits), or None if unreadable."""
+        try:
+            body, _, _ = self._get(KEY_PATH, attempts=2)
+        except (UpstreamUnavailable, Stopped):
+            raise
+        except CoinGeckoError as exc:
+            log.warning("GET /key failed (%s); keeping the default rate limit and credits", exc)
+            return None
+        return body if isinstance(body, dict) else None
 
     def is_listed(self, coin_id: str) -> bool | None:
         """Whether CoinGecko's coins/list holds ``coin_id``; None when the list cannot be had.
@@ -417,29 +499,58 @@ def _tickers_of(body: object) -> list:
     return body["tickers"]
 
 
-def _identifiers(tickers: list) -> list[str]:
+def _ticker_keys(tickers: list) -> list[Ticker]:
+    """What identifies each ticker: (``market.identifier``, ``base``, ``target``)."""
     found = []
     for ticker in tickers:
         market = ticker.get("market") if isinstance(ticker, dict) else None
         identifier = market.get("identifier") if isinstance(market, dict) else None
         if isinstance(identifier, str) and identifier:
-            found.append(identifier)
+            base, target = ticker.get("base"), ticker.get("target")
+            found.append((identifier, base if isinstance(base, str) else None,
+                          target if isinstance(target, str) else None))
     return found
 
 
-def _pages_from_headers(headers) -> int | None:
-    """Pages that cover the ``total`` header, or None when it is missing or unreadable."""
+def _total_from_headers(headers) -> int | None:
     try:
         total = int(headers.get("total", ""))
     except ValueError:
         return None
+    return total if total >= 0 else None
+
+
+def _pages_from_headers(headers) -> int | None:
+    """Pages that cover the ``total`` header (else the ``Link`` header's last page), or None."""
+    total = _total_from_headers(headers)
+    if total is None:
+        last = LAST_PAGE.search(headers.get("link", ""))
+        return int(last.group(1)) if last else None
     try:
         per_page = int(headers.get("per-page", PAGE_SIZE))
     except ValueError:
         per_page = PAGE_SIZE
-    if total < 0 or per_page <= 0:
+    return math.ceil(total / per_page) if per_page > 0 else None
+
+
+def _cloudflare_code(response: requests.Response) -> int | None:
+    """The code of a Cloudflare error page ("error code: 1015"), or None for any other answer."""
+    if response.status_code == 200 or not _is_html(response):
         return None
-    return math.ceil(total / per_page)
+    found = CLOUDFLARE_CODE.search(response.content[:20_000])
+    return int(found.group(1)) if found else None
+
+
+def _error_code(response: requests.Response) -> tuple[int | None, str]:
+    """CoinGecko's own ``{"status": {"error_code": N, "error_message": "..."}}``, if the answer is one."""
+    try:
+        status = response.json().get("status")
+        code, message = status.get("error_code"), status.get("error_message")
+    except (ValueError, AttributeError):
+        return None, ""
+    if not isinstance(code, int):
+        return None, ""
+    return code, str(message or "")[:200]
 
 
 def _describe(exc: Exception) -> str:

@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 log = logging.getLogger("fake_coingecko")
 
@@ -89,23 +89,47 @@ def _generated_ticker_count(i: int) -> int:
     return (i * 13) % 60
 
 
+# Quote currencies: the fiat ones have no target_coin_id on a real ticker.
+QUOTES = ("USDT", "USD", "BTC", "EUR", "ETH", "USDC", "JPY", "BNB", "KRW", "FDUSD", "TRY", "SOL",
+          "BRL", "DAI", "GBP", "TUSD", "AUD", "BUSD", "INR", "WBTC", "IDR", "EURC", "ZAR", "XRP")
+FIAT = {"USD", "EUR", "JPY", "KRW", "TRY", "BRL", "GBP", "AUD", "INR", "IDR", "ZAR"}
+
+
 def _ticker(coin_id: str, offset: int, j: int) -> dict:
-    # Two tickers in a row share an exchange, as BTC/USDT and BTC/USD do on one.
-    exchange = (offset + (j // 2) * 13) % EXCHANGE_POOL
-    return {
-        "base": coin_id[:6].upper(),
-        "target": ("USDT", "USD", "BTC", "ETH")[j % 4],
-        "market": {
-            "name": f"Exchange {exchange}",
-            "identifier": f"exchange-{exchange:03d}",
-            "has_trading_incentive": False,
-        },
+    """Ticker ``j`` of a coin, shaped as CoinGecko's: (market, base, target) is unique within the coin.
+
+    Two tickers in a row share an exchange, as BTC/USDT and BTC/USD do on one; every fourth is
+    one where the coin is the target; fiat targets have no ``target_coin_id``; some URLs are null.
+    """
+    pair = j // 2
+    exchange = (offset + pair * 13) % EXCHANGE_POOL
+    quote = QUOTES[(j % 2 + 2 * (pair // EXCHANGE_POOL)) % len(QUOTES)]
+    symbol = coin_id[:6].upper()
+    target_side = j % 4 == 3
+    base, target = (quote, symbol) if target_side else (symbol, quote)
+    ticker = {
+        "base": base,
+        "target": target,
+        "market": {"name": f"Exchange {exchange}", "identifier": f"exchange-{exchange:03d}",
+                   "has_trading_incentive": False},
         "last": 1.0 + j,
         "volume": 1000.0 + j,
-        "trust_score": "green",
+        "converted_last": {"btc": 0.00001 * (j + 1), "eth": 0.0003 * (j + 1), "usd": 1.0 + j},
+        "converted_volume": {"btc": 0.01, "eth": 0.3, "usd": 1000.0 + j},
+        "trust_score": ("green", "yellow", None)[j % 3],
+        "bid_ask_spread_percentage": 0.01 + j % 7 / 100,
+        "timestamp": "2026-11-29T05:00:00+00:00",
+        "last_traded_at": "2026-11-29T05:00:00+00:00",
+        "last_fetch_at": "2026-11-29T05:01:00+00:00",
         "is_anomaly": False,
         "is_stale": False,
+        "trade_url": None if j % 5 == 0 else f"https://exchange-{exchange:03d}.example/trade/{base}_{target}",
+        "token_info_url": None,
+        "coin_id": quote.lower() if target_side else coin_id,
     }
+    if (symbol if target_side else quote) not in FIAT:
+        ticker["target_coin_id"] = coin_id if target_side else quote.lower()
+    return ticker
 
 
 @dataclass
@@ -122,6 +146,14 @@ class FakeOptions:
     key_header: str = "x-cg-demo-api-key"
     omit_total: bool = False
     seed: int = 1
+    cache_seconds: float = 0.0
+    drift: int = 0
+    drift_coins: list[str] = field(default_factory=list)
+    firewall: bool = False
+    demo_keys: list[str] = field(default_factory=list)
+    pro_keys: list[str] = field(default_factory=list)
+    key_rate_limit: int = 500
+    key_monthly_credits: int = 500_000
 
     def update(self, changes: dict) -> None:
         """Apply ``changes`` if every one is valid; otherwise raise ValueError and change nothing."""
@@ -133,6 +165,43 @@ class FakeOptions:
             raise ValueError(f"faults are {FAULT_KINDS}, retry_after modes {RETRY_AFTER_MODES}")
         for name, value in changes.items():
             setattr(self, name, value)
+
+
+class PageCache:
+    """CoinGecko's edge cache and its moving ticker order, per coin.
+
+    A page is served from the cache for ``cache_seconds`` after it was made. With ``drift``,
+    making a coin's page 1 afresh changes that coin's ticker order afterwards (up to ``drift``
+    times): the pages after it come from another order, as when trust scores and volumes move.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._pages: dict[tuple[str, int], tuple[float, list[dict]]] = {}
+        self._order: dict[str, int] = {}
+
+    def page(self, data: FakeData, options: FakeOptions, coin_id: str, page: int) -> list[dict]:
+        now = time.monotonic()
+        with self.lock:
+            cached = self._pages.get((coin_id, page))
+            if cached is not None and cached[0] > now:
+                return cached[1]
+            version = self._order.get(coin_id, 0)
+            tickers = data.tickers(coin_id)
+            turn = (version * 50) % len(tickers) if tickers else 0
+            ordered = tickers[turn:] + tickers[:turn]
+            served = ordered[(page - 1) * PER_PAGE: page * PER_PAGE]
+            if options.cache_seconds > 0:
+                self._pages[(coin_id, page)] = (now + options.cache_seconds, served)
+            drifts = options.drift and (not options.drift_coins or coin_id in options.drift_coins)
+            if page == 1 and drifts and version < options.drift:
+                self._order[coin_id] = version + 1
+            return served
+
+    def clear(self) -> None:
+        with self.lock:
+            self._pages.clear()
+            self._order.clear()
 
 
 class FakeStats:
@@ -185,6 +254,7 @@ class FakeCoinGecko:
         self.stats = FakeStats()
         self._rng = random.Random(self.options.seed)
         self._rng_lock = threading.Lock()
+        self.pages = PageCache()
         self.server = ThreadingHTTPServer((host, port), _handler_for(self))
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -195,7 +265,13 @@ class FakeCoinGecko:
 
     @property
     def url(self) -> str:
+        """The public host's API base (api.coingecko.com's stand-in)."""
         return f"http://127.0.0.1:{self.port}/api/v3"
+
+    @property
+    def pro_url(self) -> str:
+        """The pro host's API base (pro-api.coingecko.com's stand-in)."""
+        return f"http://127.0.0.1:{self.port}/pro/api/v3"
 
     def start(self) -> FakeCoinGecko:
         self._thread = threading.Thread(
@@ -301,6 +377,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
         if path == "/_fake/reset":
             with fake.stats.lock:
                 fake.stats.reset()
+            fake.pages.clear()
             self._json(200, {"reset": True})
         elif path == "/_fake/config":
             try:
@@ -335,16 +412,26 @@ class _FakeHandler(BaseHTTPRequestHandler):
 
     def _serve_api(self, path: str, query: dict[str, list[str]]) -> None:
         fake, options = self.fake, self.fake.options
+        pro = path.startswith("/pro/")
+        path = path.removeprefix("/pro")
         if options.latency:
             time.sleep(options.latency)
+        if options.firewall:
+            self._cloudflare(403, 1020, "Access denied")
+            return
         if not fake.admit():
             self._rate_limited()
             return
-        if options.api_key is not None and self.headers.get(options.key_header) != options.api_key:
-            self._json(401, {"status": {"error_code": 10002, "error_message": "API Key Missing or invalid"}})
+        refusal = self._key_refusal(pro)
+        if refusal is not None:
+            self._json(401, {"status": {"timestamp": "2026-11-29T05:00:00.000+00:00", "error_code": refusal[0],
+                                        "error_message": refusal[1]}})
             return
         if path == "/api/v3/ping":
             self._json(200, {"gecko_says": "(V3) To the Moon!"})
+            return
+        if path == "/api/v3/key":
+            self._key(pro)
             return
         parts = path.split("/")
         if path == "/api/v3/coins/list":
@@ -356,19 +443,56 @@ class _FakeHandler(BaseHTTPRequestHandler):
         elif len(parts) == 6 and parts[:4] == ["", "api", "v3", "coins"] and parts[5] == "tickers":
             with fake.stats.lock:
                 fake.stats.ticker_calls += 1
-            self._tickers(unquote(parts[4]), query)
+            self._tickers(unquote(parts[4]), query, pro)
         else:
             self._json(404, {"error": "Not Found"})
+
+    def _key_refusal(self, pro: bool) -> tuple[int, str] | None:
+        """CoinGecko's answer to the key this request carries, on this host: None if it may pass."""
+        options = self.fake.options
+        if options.api_key is not None and self.headers.get(options.key_header) != options.api_key:
+            return 10002, "API Key Missing or invalid"
+        if not (options.demo_keys or options.pro_keys):
+            return None
+        demo = self.headers.get("x-cg-demo-api-key")
+        key = self.headers.get("x-cg-pro-api-key") if pro else demo
+        if pro and (key in options.demo_keys or demo in options.demo_keys):
+            return 10011, "You are using a Demo API key on the Pro API endpoint. Please change your root URL."
+        if not pro and (key in options.pro_keys or self.headers.get("x-cg-pro-api-key") in options.pro_keys):
+            return 10010, "You are using a Pro API key on the public API endpoint. Please change your root URL."
+        if pro and key not in options.pro_keys or not pro and key is not None and key not in options.demo_keys:
+            return 10002, "API Key Missing. Please make sure you're using the right API Key and header."
+        return None
+
+    def _key(self, pro: bool) -> None:
+        """``GET /key``: a pro key's plan, limit and credits (the fake's 200 answers are its calls)."""
+        options = self.fake.options
+        if not pro:
+            self._json(401, {"status": {"error_code": 10005, "error_message": "You don't have access to this "
+                                        "endpoint. Please upgrade your plan."}})
+            return
+        with self.fake.stats.lock:
+            used = self.fake.stats.statuses.get("200", 0)
+        self._json(200, {"plan": "Analyst", "rate_limit_request_per_minute": options.key_rate_limit,
+                         "monthly_call_credit": options.key_monthly_credits, "current_total_monthly_calls": used,
+                         "current_remaining_monthly_calls": max(0, options.key_monthly_credits - used)})
+
+    def _cloudflare(self, status: int, code: int, title: str) -> None:
+        body = (f"<!DOCTYPE html><html><head><title>{title} | api.coingecko.com used Cloudflare to restrict "
+                f"access</title></head><body><h1>{title}</h1><p>error code: {code}</p></body></html>").encode()
+        self._send(status, body, "text/html; charset=UTF-8", {"server": "cloudflare"})
 
     def _rate_limited(self) -> None:
         options = self.fake.options
         if options.retry_after == "html":
-            body = b"<!DOCTYPE html><html><head><title>429 Too Many Requests</title></head>" \
-                   b"<body><h1>Error 1015</h1><p>You are being rate limited.</p></body></html>"
-            self._send(429, body, "text/html; charset=UTF-8")
+            self._cloudflare(429, 1015, "You are being rate limited")
             return
-        headers = {"Retry-After": f"{options.retry_after_seconds:g}"} if options.retry_after == "json" else None
-        self._json(429, {"status": {"error_code": 429, "error_message": "You've exceeded the Rate Limit."}}, headers)
+        headers = {"server": "cloudflare"}
+        if options.retry_after == "json":
+            headers["retry-after"] = f"{options.retry_after_seconds:g}"
+        self._json(429, {"status": {"error_code": 429, "error_message": "You've exceeded the Rate Limit. Please "
+                                    "visit https://www.coingecko.com/en/api/pricing to subscribe to our API plans "
+                                    "for higher rate limits."}}, headers)
 
     def _fault(self, page_key: tuple[str, int] | None) -> bool:
         """Answer with an injected fault, if one is drawn; True if it did."""
@@ -407,7 +531,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
             self._json(200, {"name": coin_id, "tickers": []})
         return True
 
-    def _tickers(self, coin_id: str, query: dict[str, list[str]]) -> None:
+    def _tickers(self, coin_id: str, query: dict[str, list[str]], pro: bool) -> None:
         fake = self.fake
         if coin_id not in fake.data.ticker_counts:
             self._json(404, {"error": "coin not found"})
@@ -419,8 +543,15 @@ class _FakeHandler(BaseHTTPRequestHandler):
         if self._fault((coin_id, page)):
             return
         total = fake.data.ticker_counts[coin_id]
-        headers = {} if fake.options.omit_total else {"total": str(total), "per-page": str(PER_PAGE)}
-        self._json(200, {"name": coin_id.title(), "tickers": fake.data.tickers(coin_id, page)}, headers)
+        headers = {}
+        if not fake.options.omit_total:
+            base = (fake.pro_url if pro else fake.url) + f"/coins/{quote(coin_id, safe='')}/tickers"
+            last = max(1, math.ceil(total / PER_PAGE))
+            links = [f'<{base}?page={page + 1}>; rel="next"'] if page < last else []
+            links.append(f'<{base}?page={last}>; rel="last"')
+            headers = {"total": str(total), "per-page": str(PER_PAGE), "link": ", ".join(links)}
+        tickers = fake.pages.page(fake.data, fake.options, coin_id, page)
+        self._json(200, {"name": coin_id.title(), "tickers": tickers}, headers)
         with fake.stats.lock:
             fake.stats.page_successes[(coin_id, page)] += 1
 

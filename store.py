@@ -56,11 +56,17 @@ class BatchClosed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CoinRecord:
+    """A coin as the store knows it; ``fetched_at`` to ``complete`` describe a done coin's retrieval."""
+
     id: str
     task_run: int
     status: str
     exchanges: tuple[str, ...] | None = None
     error: str | None = None
+    fetched_at: float | None = None
+    tickers: int | None = None
+    total: int | None = None
+    complete: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,7 @@ class Claim:
     task_run: int
     generation: int
     token: int = 0
+    first_pass: frozenset | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +85,15 @@ class Outcome:
     status: str
     exchanges: tuple[str, ...] = ()
     error: str | None = None
+    tickers: int | None = None
+    total: int | None = None
+    complete: bool | None = None
 
     @classmethod
-    def done(cls, exchanges: Sequence[str]) -> Outcome:
-        return cls(DONE, tuple(sorted(set(exchanges))))
+    def done(cls, exchanges: Sequence[str], tickers: int | None = None, total: int | None = None,
+             complete: bool = True) -> Outcome:
+        unique = tuple(sorted(set(exchanges)))
+        return cls(DONE, unique, None, len(unique) if tickers is None else tickers, total, complete)
 
     @classmethod
     def invalid(cls, reason: str) -> Outcome:
@@ -245,6 +257,14 @@ class BatchCounts:
     last_queued_task_run: int | None
 
 
+def finished_record(coin_id: str, task_run: int, outcome: Outcome, now: float) -> CoinRecord:
+    """The record a claimed coin becomes: a done one carries its retrieval's facts."""
+    if outcome.status != DONE:
+        return CoinRecord(coin_id, task_run, outcome.status, error=outcome.error)
+    return CoinRecord(coin_id, task_run, DONE, outcome.exchanges, None, now, outcome.tickers, outcome.total,
+                      outcome.complete)
+
+
 def new_batch_id() -> str:
     return os.urandom(6).hex()
 
@@ -270,6 +290,22 @@ class Store(ABC):
     @abstractmethod
     def release(self, claim: Claim) -> None:
         """Put a claimed coin back in the queue under its own taskRun."""
+
+    @abstractmethod
+    def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
+        """Put a claimed coin back in the queue, not to be claimed for ``seconds``, with the tickers of
+        its first pass; False if the claim went stale."""
+
+    @abstractmethod
+    def seconds_until_ready(self) -> float | None:
+        """How long until a deferred coin may be claimed; None when no coin waits."""
+
+    @abstractmethod
+    def credits_used(self, month: str) -> int:
+        """Upstream credits spent in ``month`` ("2026-11"); kept across DELETE /coins."""
+
+    @abstractmethod
+    def add_credits(self, month: str, count: int) -> None: ...
 
     @abstractmethod
     def claim_alive(self, claim: Claim) -> bool:
@@ -331,6 +367,7 @@ class MemoryStore(Store):
         self._generation = 0
         self._version = 0
         self._tokens = itertools.count(1)
+        self._credits: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -339,6 +376,8 @@ class MemoryStore(Store):
         self._claims: dict[str, int] = {}
         self._queue: list[tuple[int, str]] = []
         self._stale_in_queue = 0
+        self._deferred: list[tuple[float, int, str]] = []
+        self._first_pass: dict[str, frozenset] = {}
         self._done_runs: list[int] = []
         self._done_by_run: dict[int, str] = {}
         self._batches: dict[str, _MemoryBatch] = {}
@@ -379,13 +418,14 @@ class MemoryStore(Store):
 
     def claim_next(self) -> Claim | None:
         with self._lock:
+            self._promote_ripe()
             while self._queue:
                 task_run, coin_id = heapq.heappop(self._queue)
                 record = self._coins.get(coin_id)
                 if record is not None and record.status == QUEUED and record.task_run == task_run:
                     self._coins[coin_id] = CoinRecord(coin_id, task_run, RUNNING)
                     token = self._claims[coin_id] = next(self._tokens)
-                    return Claim(coin_id, task_run, self._generation, token)
+                    return Claim(coin_id, task_run, self._generation, token, self._first_pass.get(coin_id))
                 self._stale_in_queue = max(0, self._stale_in_queue - 1)
             return None
 
@@ -395,6 +435,37 @@ class MemoryStore(Store):
                 or self._claims.get(claim.coin_id) != claim.token):
             return None
         return record
+
+    def _promote_ripe(self) -> None:
+        """Move deferred coins whose time has come into the queue."""
+        now = self._clock()
+        while self._deferred and self._deferred[0][0] <= now:
+            _, task_run, coin_id = heapq.heappop(self._deferred)
+            heapq.heappush(self._queue, (task_run, coin_id))
+
+    def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
+        with self._lock:
+            not_before = self._clock() + seconds
+            record = self._claimed(claim)
+            if record is None:
+                return False
+            self._coins[claim.coin_id] = CoinRecord(claim.coin_id, record.task_run, QUEUED)
+            del self._claims[claim.coin_id]
+            self._first_pass[claim.coin_id] = first_pass
+            heapq.heappush(self._deferred, (not_before, record.task_run, claim.coin_id))
+            return True
+
+    def seconds_until_ready(self) -> float | None:
+        with self._lock:
+            return max(0.0, self._deferred[0][0] - self._clock()) if self._deferred else None
+
+    def credits_used(self, month: str) -> int:
+        with self._lock:
+            return self._credits.get(month, 0)
+
+    def add_credits(self, month: str, count: int) -> None:
+        with self._lock:
+            self._credits[month] = self._credits.get(month, 0) + count
 
     def claim_alive(self, claim: Claim) -> bool:
         with self._lock:
@@ -409,11 +480,9 @@ class MemoryStore(Store):
             record = self._claimed(claim)
             if record is None:
                 return False
-            exchanges = outcome.exchanges if outcome.status == DONE else None
-            self._coins[claim.coin_id] = CoinRecord(
-                claim.coin_id, record.task_run, outcome.status, exchanges, outcome.error
-            )
+            self._coins[claim.coin_id] = finished_record(claim.coin_id, record.task_run, outcome, self._clock())
             del self._claims[claim.coin_id]
+            self._first_pass.pop(claim.coin_id, None)
             if outcome.status == DONE:
                 bisect.insort(self._done_runs, record.task_run)
                 self._done_by_run[record.task_run] = claim.coin_id
@@ -493,6 +562,7 @@ class MemoryStore(Store):
                         and entry.coin_id not in wanted):
                     del self._coins[entry.coin_id]
                     self._claims.pop(entry.coin_id, None)
+                    self._first_pass.pop(entry.coin_id, None)
                     cancelled.append(entry.coin_id)
                     self._stale_in_queue += record.status == QUEUED
             self._compact_queue()
@@ -501,10 +571,14 @@ class MemoryStore(Store):
 
     def _compact_queue(self) -> None:
         """Rebuild the heap once most of it is cancelled entries, so that memory follows the live queue."""
-        if self._stale_in_queue * 2 <= len(self._queue):
+        if self._stale_in_queue * 2 <= len(self._queue) + len(self._deferred):
             return
-        self._queue = [(r.task_run, coin_id) for coin_id, r in self._coins.items() if r.status == QUEUED]
+        queued = {coin_id for coin_id, record in self._coins.items() if record.status == QUEUED}
+        self._deferred = [entry for entry in self._deferred if entry[2] in queued]
+        waiting = {coin_id for _, _, coin_id in self._deferred}
+        self._queue = [(self._coins[coin_id].task_run, coin_id) for coin_id in queued - waiting]
         heapq.heapify(self._queue)
+        heapq.heapify(self._deferred)
         self._stale_in_queue = 0
 
     def clear(self) -> int:
@@ -561,6 +635,16 @@ INSERT INTO counters (name, value) VALUES ('next_task_run', 1), ('next_batch_pos
     # 2: the token of the claim a running coin is under, so that a cancelled claim cannot land.
     """
 ALTER TABLE coins ADD COLUMN claim INTEGER NOT NULL DEFAULT 0;
+""",
+    # 3: page drift (a coin waits, with its first pass), a done coin's facts, and the credit count.
+    """
+ALTER TABLE coins ADD COLUMN not_before REAL;
+ALTER TABLE coins ADD COLUMN first_pass TEXT;
+ALTER TABLE coins ADD COLUMN fetched_at REAL;
+ALTER TABLE coins ADD COLUMN tickers INTEGER;
+ALTER TABLE coins ADD COLUMN total INTEGER;
+ALTER TABLE coins ADD COLUMN complete INTEGER;
+CREATE TABLE credits (month TEXT PRIMARY KEY, used INTEGER NOT NULL);
 """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -628,9 +712,7 @@ class SqliteStore(Store):
         self._conn.execute("UPDATE counters SET value = ? WHERE name = ?", (value, name))
 
     def _lookup(self, coin_id: str) -> CoinRecord | None:
-        row = self._conn.execute(
-            "SELECT id, task_run, status, exchanges, error FROM coins WHERE id = ?", (coin_id,)
-        ).fetchone()
+        row = self._conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ?", (coin_id,)).fetchone()
         return _row_to_record(row) if row else None
 
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
@@ -677,23 +759,30 @@ class SqliteStore(Store):
     def claim_next(self) -> Claim | None:
         with self._lock, self._transaction() as conn:
             row = conn.execute(
-                "SELECT id, task_run FROM coins WHERE status = ? ORDER BY task_run LIMIT 1", (QUEUED,)
+                "SELECT id, task_run, first_pass FROM coins WHERE status = ?"
+                " AND (not_before IS NULL OR not_before <= ?) ORDER BY task_run LIMIT 1",
+                (QUEUED, self._clock()),
             ).fetchone()
             if row is None:
                 return None
             token = next(self._tokens)
-            conn.execute("UPDATE coins SET status = ?, claim = ? WHERE id = ?", (RUNNING, token, row[0]))
-            return Claim(row[0], row[1], self._generation, token)
+            conn.execute("UPDATE coins SET status = ?, claim = ?, not_before = NULL WHERE id = ?",
+                         (RUNNING, token, row[0]))
+            first_pass = frozenset(tuple(t) for t in json.loads(row[2])) if row[2] is not None else None
+            return Claim(row[0], row[1], self._generation, token, first_pass)
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
-        exchanges = json.dumps(list(outcome.exchanges)) if outcome.status == DONE else None
+        record = finished_record(claim.coin_id, claim.task_run, outcome, self._clock())
+        exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
         with self._lock, self._transaction() as conn:
             if claim.generation != self._generation:
                 return False
             updated = conn.execute(
-                "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0"
+                "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
+                " fetched_at = ?, tickers = ?, total = ?, complete = ?"
                 " WHERE id = ? AND status = ? AND claim = ?",
-                (outcome.status, exchanges, outcome.error, claim.coin_id, RUNNING, claim.token),
+                (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
+                 record.complete, claim.coin_id, RUNNING, claim.token),
             ).rowcount
             if updated and outcome.status == DONE:
                 self._version += 1
@@ -706,6 +795,36 @@ class SqliteStore(Store):
                     "UPDATE coins SET status = ?, claim = 0 WHERE id = ? AND status = ? AND claim = ?",
                     (QUEUED, claim.coin_id, RUNNING, claim.token),
                 )
+
+    def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
+        not_before = self._clock() + seconds
+        with self._lock, self._transaction() as conn:
+            if claim.generation != self._generation:
+                return False
+            return bool(conn.execute(
+                "UPDATE coins SET status = ?, claim = 0, not_before = ?, first_pass = ?"
+                " WHERE id = ? AND status = ? AND claim = ?",
+                (QUEUED, not_before, json.dumps(sorted(first_pass, key=repr)), claim.coin_id, RUNNING, claim.token),
+            ).rowcount)
+
+    def seconds_until_ready(self) -> float | None:
+        with self._lock:
+            first = self._conn.execute(
+                "SELECT MIN(not_before) FROM coins WHERE status = ? AND not_before IS NOT NULL", (QUEUED,)
+            ).fetchone()[0]
+        return None if first is None else max(0.0, first - self._clock())
+
+    def credits_used(self, month: str) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT used FROM credits WHERE month = ?", (month,)).fetchone()
+            return row[0] if row else 0
+
+    def add_credits(self, month: str, count: int) -> None:
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO credits (month, used) VALUES (?, ?) ON CONFLICT (month) DO UPDATE SET used = used + ?",
+                (month, count, count),
+            )
 
     def claim_alive(self, claim: Claim) -> bool:
         with self._lock:
@@ -818,9 +937,13 @@ class SqliteStore(Store):
                 self._lock_file.close()
 
 
+RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete"
+
+
 def _row_to_record(row: tuple) -> CoinRecord:
-    coin_id, task_run, status, exchanges, error = row
-    return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None, error)
+    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete = row
+    return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None,
+                      error, fetched_at, tickers, total, None if complete is None else bool(complete))
 
 
 def _lock_exclusively(path: str, wait: float):

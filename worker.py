@@ -14,12 +14,29 @@ import threading
 import time
 from collections.abc import Callable
 
-from coingecko_client import Cancelled, CoinGeckoClient, CoinGeckoError, CoinNotFound, Stopped, UpstreamUnavailable
+from coingecko_client import (
+    Cancelled,
+    CoinGeckoClient,
+    CoinGeckoError,
+    CoinNotFound,
+    CreditsExhausted,
+    Retrieval,
+    Stopped,
+    UpstreamUnavailable,
+)
 from store import DONE, FAILED, Claim, Outcome, Store
 
 log = logging.getLogger(__name__)
 
 MAX_PAUSE_SECONDS = 300.0
+
+
+class _Drifted(Exception):
+    """A coin's first pass was inconsistent (page drift): it waits for CoinGecko's cache, then goes again."""
+
+    def __init__(self, retrieval: Retrieval) -> None:
+        super().__init__()
+        self.retrieval = retrieval
 
 
 class Worker:
@@ -30,13 +47,18 @@ class Worker:
         *,
         concurrency: int = 1,
         pause_seconds: float = 15.0,
+        cache_seconds: float = 120.0,
         progress_interval: float = 30.0,
+        setup: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.client = client
         self.concurrency = concurrency
         self.pause_seconds = pause_seconds
+        self.cache_seconds = cache_seconds
+        self._setup = setup
+        self._ready = threading.Event()
         self.progress_interval = progress_interval
         self._clock = clock
         self._stop = threading.Event()
@@ -129,6 +151,7 @@ class Worker:
     # -- the work ---------------------------------------------------------------------------
 
     def _run(self, index: int) -> None:
+        self._set_up_or_wait(index)
         while not self._stop.is_set():
             try:
                 if self._wait_while_paused():
@@ -144,12 +167,30 @@ class Worker:
                 log.exception("worker thread error; going on in a second")
                 self._stop.wait(1.0)
 
+    def _set_up_or_wait(self, index: int) -> None:
+        """The first thread runs the setup (a pro key's ``/key``) before any coin; the others wait for it."""
+        if index != 0:
+            while not self._ready.wait(0.5) and not self._stop.is_set():
+                pass
+            return
+        try:
+            if self._setup is not None:
+                self._setup()
+        except Stopped:
+            pass
+        except Exception:
+            log.exception("setup failed; going on with the defaults")
+        finally:
+            self._ready.set()
+
     def _idle_until_signalled(self, index: int, seen: int) -> None:
-        """Mark this thread idle and sleep until ``notify`` (or ``stop``) after signal ``seen``."""
+        """Mark this thread idle and sleep until ``notify`` (or ``stop``) after signal ``seen``,
+        or until a deferred coin may be taken."""
+        wait = self.store.seconds_until_ready()
         with self._wake:
             self._idle_at[index] = seen
             self._wake.notify_all()
-            self._wake.wait_for(lambda: self._signals != seen or self._stop.is_set())
+            self._wake.wait_for(lambda: self._signals != seen or self._stop.is_set(), wait)
 
     def _wait_while_paused(self) -> bool:
         """Sleep out a pause; True if the thread slept (and should look again)."""
@@ -182,7 +223,11 @@ class Worker:
             outcome, pages = self._retrieve(claim)
         except UpstreamUnavailable as exc:
             self.store.release(claim)
-            self._pause(str(exc))
+            self._pause(str(exc), exc.seconds if isinstance(exc, CreditsExhausted) else None)
+            return
+        except _Drifted as drifted:
+            self._resume()
+            self._defer(claim, drifted.retrieval)
             return
         except Stopped:
             self.store.release(claim)
@@ -212,10 +257,10 @@ class Worker:
             if self.client.is_listed(claim.coin_id) is False:
                 return Outcome.invalid("not a CoinGecko coin ID (absent from coins/list)"), 0
             retrieval = self.client.fetch_exchanges(claim.coin_id, lambda: self.store.claim_alive(claim))
-            return Outcome.done(retrieval.exchanges), retrieval.pages
+            return self._judge(claim, retrieval), retrieval.pages
         except CoinNotFound:
             return Outcome.invalid("not a CoinGecko coin ID (tickers answered 404)"), 0
-        except (UpstreamUnavailable, Stopped, Cancelled):
+        except (UpstreamUnavailable, Stopped, Cancelled, _Drifted):
             raise
         except CoinGeckoError as exc:
             return Outcome.failed(str(exc)), 0
@@ -223,11 +268,32 @@ class Worker:
             log.exception("coin %s: unexpected error", claim.coin_id)
             return Outcome.failed(f"internal error: {type(exc).__name__}"), 0
 
-    def _pause(self, reason: str) -> None:
-        """Stop taking coins for a while; each pause in a row is twice as long, up to five minutes."""
+    def _judge(self, claim: Claim, retrieval: Retrieval) -> Outcome:
+        """A pass's outcome under the page-drift rule: a consistent first pass is done; an inconsistent
+        one goes again once; a second pass is done with the union of both."""
+        first = claim.first_pass
+        if first is None:
+            if not retrieval.consistent:
+                raise _Drifted(retrieval)
+            tickers = len(retrieval.tickers) if retrieval.tickers else len(retrieval.exchanges)
+            return Outcome.done(retrieval.exchanges, tickers, retrieval.total, True)
+        union = first | retrieval.tickers
+        complete = retrieval.consistent or retrieval.tickers == first
+        return Outcome.done({identifier for identifier, _, _ in union}, len(union), retrieval.total, complete)
+
+    def _defer(self, claim: Claim, retrieval: Retrieval) -> None:
+        if self.store.defer(claim, self.cache_seconds, retrieval.tickers):
+            log.info("coin %s: page drift (%d distinct tickers of %s, over %d pages); its pages are fetched "
+                     "again in %.0fs, once CoinGecko's cache has turned", claim.coin_id, len(retrieval.tickers),
+                     retrieval.total, retrieval.pages, self.cache_seconds)
+
+    def _pause(self, reason: str, seconds: float | None = None) -> None:
+        """Stop taking coins for a while: ``seconds``, or a backoff that doubles with each pause in a row,
+        up to five minutes."""
         with self._pause_lock:
             self._pauses_in_a_row += 1
-            seconds = min(MAX_PAUSE_SECONDS, self.pause_seconds * 2 ** (self._pauses_in_a_row - 1))
+            if seconds is None:
+                seconds = min(MAX_PAUSE_SECONDS, self.pause_seconds * 2 ** (self._pauses_in_a_row - 1))
             self._paused_until = self._clock() + seconds
             self._pause_reason = reason
         log.error("worker paused for %.0fs: %s; the queue is kept", seconds, reason)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from coingecko_client import PLANS, CoinGeckoClient
+from credits import Credits, Ledger
 from store import Store, StoreError, open_store
 from web import Services, register_web
 from worker import Worker
@@ -55,6 +56,9 @@ class Config:
     log_level: str = "INFO"
     max_attempts: int = 5
     pause_seconds: float = 15.0
+    cache_seconds: float = 120.0
+    monthly_credits: int | None = None
+    rate_limit_given: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -90,13 +94,17 @@ class Config:
             log_level=level,
             max_attempts=_number(env, "COINGECKO_MAX_ATTEMPTS", int, cls.max_attempts, 1, 100),
             pause_seconds=_number(env, "WORKER_PAUSE_SECONDS", float, cls.pause_seconds, 0.001, 3600),
+            cache_seconds=_number(env, "COINGECKO_CACHE_SECONDS", float, cls.cache_seconds, 0, 86400),
+            monthly_credits=_number(env, "COINGECKO_MONTHLY_CREDITS", int, None, 0, 10**12),
+            rate_limit_given=text("COINGECKO_RATE_LIMIT") is not None,
         )
 
     @property
     def secrets(self) -> tuple[str, ...]:
         return tuple(secret for secret in (self.api_key, self.api_token) if secret)
 
-    def make_client(self) -> CoinGeckoClient:
+    def make_client(self, ledger: Ledger | None = None) -> CoinGeckoClient:
+        """The upstream client; its credits are counted in ``ledger`` (the store) when given."""
         return CoinGeckoClient(
             self.api_url,
             api_key=self.api_key,
@@ -105,10 +113,28 @@ class Config:
             timeout=self.timeout,
             max_attempts=self.max_attempts,
             concurrency=self.concurrency,
+            credits=Credits(self.monthly_credits, ledger),
         )
+
+    def adopt_key(self, client: CoinGeckoClient) -> None:
+        """On pro, keep to what ``GET /key`` reports, unless the environment set the rate or the credits."""
+        if self.plan != "pro" or (self.rate_limit_given and self.monthly_credits is not None):
+            return
+        account = client.read_key()
+        if account is None:
+            return
+        rate = account.get("rate_limit_request_per_minute")
+        if not self.rate_limit_given and isinstance(rate, int | float) and rate > 0:
+            client.limiter.set_rate(rate)
+            log.info("GET /key: keeping to %s calls a minute", f"{rate:g}")
+        remaining = account.get("current_remaining_monthly_calls")
+        if self.monthly_credits is None and isinstance(remaining, int) and remaining >= 0:
+            client.credits.allow(remaining)
+            log.info("GET /key: %d credits left this month", remaining)
 
 
 def _number(env: Mapping[str, str], name: str, kind: type, default, low, high):
+    """A number from ``env``, finite and within [low, high]; ``default`` when unset."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -204,11 +230,14 @@ def create_app(
     configure_logging(config)
     store = store or open_store(config.db_path, lock_wait=RELOAD_LOCK_WAIT)
     if worker is None:
+        client = client or config.make_client(ledger=store)
         worker = Worker(
             store,
-            client or config.make_client(),
+            client,
             concurrency=config.concurrency,
             pause_seconds=config.pause_seconds,
+            cache_seconds=config.cache_seconds,
+            setup=lambda: config.adopt_key(client),
         )
     app = Flask(__name__)
     app.config.update(COINS=config)

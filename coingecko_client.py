@@ -444,7 +444,7 @@ class CoinGeckoClient:
         """A pro key's own account (``GET /key``: its plan, rate limit and credits), or None if unreadable."""
         try:
             body, _, _ = self._get(KEY_PATH, attempts=2)
-        except (UpstreamUnavailable, Stopped):
+        except Stopped:
             raise
         except CoinGeckoError as exc:
             log.warning("GET /key failed (%s); keeping the default rate limit and credits", exc)

@@ -91,14 +91,11 @@ class Credits:
                 self._used += 1
                 self._ledger.add_credits(self._month, 1)
 
-    def adopt(self, limit: int | None, used: int | None = None) -> None:
-        """Take the limit (and the count, if higher than ours) that the upstream reports for this month."""
+    def allow(self, remaining: int) -> None:
+        """Set the limit so that ``remaining`` more calls may be made this month (what ``/key`` reports)."""
         with self._lock:
             self._roll_month()
-            self.limit = limit
-            if used is not None and used > self._used:
-                self._ledger.add_credits(self._month, used - self._used)
-                self._used = used
+            self.limit = self._used + remaining
 
     def resets_at(self) -> datetime:
         return month_end(self._clock())

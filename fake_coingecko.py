@@ -53,8 +53,8 @@ SPECIAL_COINS = {
 class FakeData:
     """A deterministic universe of coins: ``coins`` generated ones plus the special ones."""
 
-    def __init__(self, coins: int = 200) -> None:
-        self.ticker_counts = dict(SPECIAL_COINS)
+    def __init__(self, coins: int = 200, extra: dict[str, int] | None = None) -> None:
+        self.ticker_counts = dict(SPECIAL_COINS) | (extra or {})
         for i in range(1, coins + 1):
             self.ticker_counts[f"coin-{i:05d}"] = _generated_ticker_count(i)
         self._list_body = json.dumps(

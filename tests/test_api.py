@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -304,9 +305,13 @@ def test_get_one_coin_through_its_life(app, http, fake):
     post_json(http, ["Ethereum", "bad/x"])
     assert http.get("/coins/ethereum").get_json() == {"id": "ethereum", "status": "queued", "taskRun": 1}
     drain(app)
-    assert http.get("/coins/ETHEREUM").get_json() == {
-        "id": "ethereum", "status": "done", "taskRun": 1, "exchanges": fake.data.exchanges("ethereum")
+    view = http.get("/coins/ETHEREUM").get_json()
+    fetched_at = view.pop("fetchedAt")
+    assert view == {
+        "id": "ethereum", "status": "done", "taskRun": 1, "exchanges": fake.data.exchanges("ethereum"),
+        "tickers": 101, "total": 101, "complete": True, "refreshing": False,
     }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fetched_at)
     assert http.get("/coins/never").status_code == 404
     assert http.get("/coins/a%2Bb").status_code == 404
 

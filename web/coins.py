@@ -6,9 +6,11 @@ import json
 import logging
 import os
 import threading
+from datetime import UTC, datetime
 
 from flask import Blueprint, Response, jsonify, request
 
+from credits import iso
 from store import DONE, FAILED, INVALID, BatchNotFound, CoinRecord, Store, stored_id
 from web import ApiError, services
 from web.submission import parse_submission, query_batch
@@ -84,6 +86,11 @@ def coin_view(record: CoinRecord) -> dict:
     view = {"id": record.id, "status": record.status, "taskRun": record.task_run}
     if record.status == DONE:
         view["exchanges"] = list(record.exchanges or ())
+        view["fetchedAt"] = iso(datetime.fromtimestamp(record.fetched_at, UTC)) if record.fetched_at else None
+        view["tickers"] = record.tickers
+        view["total"] = record.total
+        view["complete"] = record.complete
+        view["refreshing"] = False
     if record.status in (INVALID, FAILED):
         view["error"] = record.error
     return view

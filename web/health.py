@@ -20,5 +20,6 @@ def healthz():
         "queue": counts["queued"],
         "coins": counts,
         "upstream": svc.worker.client.stats(),
+        "credits": svc.worker.client.credits.state(),
     }
     return jsonify(body), 200 if state["state"] == "running" else 503

@@ -74,7 +74,7 @@ def running(command: list[str], env: dict[str, str], url: str, ready_path: str):
     process = Process(proc, url)
     threading.Thread(target=_collect, args=(proc, process.lines), daemon=True).start()
     try:
-        eventually(lambda: proc.poll() is not None or requests.get(url + ready_path, timeout=2), 20,
+        eventually(lambda: proc.poll() is not None or requests.get(url + ready_path, timeout=2).status_code, 20,
                    f"{command} to answer")
         if proc.poll() is not None:
             raise AssertionError(f"{command} exited with {proc.returncode}:\n{process.output}")

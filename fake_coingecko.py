@@ -353,9 +353,9 @@ class _FakeHandler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
         with self.fake.stats.lock:
             self.fake.stats.statuses[str(status)] += 1
+        self.wfile.write(body)
 
     def _json(self, status: int, value: object, headers: dict | None = None) -> None:
         self._send(status, json.dumps(value).encode(), headers=headers)
@@ -551,9 +551,9 @@ class _FakeHandler(BaseHTTPRequestHandler):
             links.append(f'<{base}?page={last}>; rel="last"')
             headers = {"total": str(total), "per-page": str(PER_PAGE), "link": ", ".join(links)}
         tickers = fake.pages.page(fake.data, fake.options, coin_id, page)
-        self._json(200, {"name": coin_id.title(), "tickers": tickers}, headers)
         with fake.stats.lock:
             fake.stats.page_successes[(coin_id, page)] += 1
+        self._json(200, {"name": coin_id.title(), "tickers": tickers}, headers)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,19 +14,15 @@ functions here, so the two stores cannot drift apart.
 from __future__ import annotations
 
 import bisect
-import fcntl
 import heapq
 import itertools
-import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -229,28 +225,6 @@ def plan_submission(
     return plan
 
 
-def tally(groups: Iterable[tuple[str, str | None, int, int]]) -> BatchCounts:
-    """Count a batch so that the counts always add up to ``submitted``.
-
-    ``groups`` are (entry kind, its coin's status, entries, highest taskRun among them):
-    one per entry will do, or one per kind and status, as SQL's GROUP BY gives them.
-    """
-    counts = dict.fromkeys(("submitted", *STATUSES, "duplicates"), 0)
-    last_queued = None
-    for kind, status, number, highest_task_run in groups:
-        if kind == DUPLICATE:
-            key = "duplicates"
-        elif kind == MALFORMED:
-            key = INVALID
-        else:
-            key = status or INVALID
-        counts["submitted"] += number
-        counts[key] += number
-        if key == QUEUED:
-            last_queued = max(last_queued or 0, highest_task_run)
-    return BatchCounts(counts, last_queued)
-
-
 @dataclass(frozen=True, slots=True)
 class BatchCounts:
     counts: dict[str, int]
@@ -267,6 +241,140 @@ def finished_record(coin_id: str, task_run: int, outcome: Outcome, now: float) -
 
 def new_batch_id() -> str:
     return os.urandom(6).hex()
+
+
+COUNT_KEYS = ("submitted", *STATUSES, "duplicates")
+
+
+class SortedRuns:
+    """A sorted list of taskRun numbers: insertion, removal and rank by bisection."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    def add(self, run: int) -> None:
+        bisect.insort(self.runs, run)
+
+    def remove(self, run: int) -> None:
+        index = bisect.bisect_left(self.runs, run)
+        if index < len(self.runs) and self.runs[index] == run:
+            del self.runs[index]
+
+    def __contains__(self, run: int) -> bool:
+        index = bisect.bisect_left(self.runs, run)
+        return index < len(self.runs) and self.runs[index] == run
+
+    def up_to(self, run: int) -> int:
+        return bisect.bisect_right(self.runs, run)
+
+    def after(self, run: int) -> list[int]:
+        return self.runs[bisect.bisect_right(self.runs, run):]
+
+
+class Tallies:
+    """Counts kept as the data changes, so that no request scans the store.
+
+    A store that owns its data (in memory, or one process on an SQLite file) tells its
+    Tallies of every change; then the status counts cost O(1), a batch's counts O(1), a
+    coin's place in the queue and a batch's last queued coin O(log n), and the done index
+    is a slice. The owner's lock guards it: a Tallies takes none of its own.
+    """
+
+    def __init__(self) -> None:
+        self.by_status = dict.fromkeys(STATUSES, 0)
+        self._batches: dict[str, dict[str, int]] = {}
+        self._batch_queued: dict[str, list[int]] = {}
+        self._coin_batches: dict[str, list[str]] = {}
+        self._queued = SortedRuns()
+        self._done = SortedRuns()
+        self._done_coin: dict[int, str] = {}
+
+    # -- coins --------------------------------------------------------------------------------
+
+    def coin_added(self, coin_id: str, task_run: int, status: str) -> None:
+        self.by_status[status] += 1
+        self._enter(coin_id, task_run, status)
+
+    def coin_changed(self, coin_id: str, task_run: int, old: str, new: str) -> None:
+        if old == new:
+            return
+        self.by_status[old] -= 1
+        self.by_status[new] += 1
+        self._leave(task_run, old)
+        self._enter(coin_id, task_run, new)
+        for batch_id in self._coin_batches.get(coin_id, ()):
+            counts = self._batches[batch_id]
+            counts[old] -= 1
+            counts[new] += 1
+            if new == QUEUED:
+                heapq.heappush(self._batch_queued[batch_id], -task_run)
+
+    def coin_removed(self, coin_id: str, task_run: int, status: str) -> None:
+        """A coin is forgotten; call ``batch_removed`` first for the batches that held it."""
+        self.by_status[status] -= 1
+        self._leave(task_run, status)
+        self._coin_batches.pop(coin_id, None)
+
+    def _enter(self, coin_id: str, task_run: int, status: str) -> None:
+        if status == QUEUED:
+            self._queued.add(task_run)
+        elif status == DONE:
+            self._done.add(task_run)
+            self._done_coin[task_run] = coin_id
+
+    def _leave(self, task_run: int, status: str) -> None:
+        if status == QUEUED:
+            self._queued.remove(task_run)
+        elif status == DONE:
+            self._done.remove(task_run)
+            del self._done_coin[task_run]
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def batch_added(self, batch_id: str) -> None:
+        self._batches[batch_id] = dict.fromkeys(COUNT_KEYS, 0)
+        self._batch_queued[batch_id] = []
+
+    def entries_added(self, batch_id: str, entries: Iterable[BatchEntry], status_of: Callable[[str], str]) -> None:
+        counts, queued = self._batches[batch_id], self._batch_queued[batch_id]
+        for entry in entries:
+            counts["submitted"] += 1
+            if entry.kind == DUPLICATE:
+                counts["duplicates"] += 1
+            elif entry.kind == MALFORMED:
+                counts[INVALID] += 1
+            else:
+                status = status_of(entry.coin_id)
+                counts[status] += 1
+                self._coin_batches.setdefault(entry.coin_id, []).append(batch_id)
+                if status == QUEUED:
+                    heapq.heappush(queued, -entry.task_run)
+
+    def batch_removed(self, batch_id: str, entries: Iterable[BatchEntry]) -> None:
+        del self._batches[batch_id], self._batch_queued[batch_id]
+        for entry in entries:
+            if entry.kind != COIN:
+                continue
+            batches = self._coin_batches.get(entry.coin_id)
+            if batches and batch_id in batches:
+                batches.remove(batch_id)
+                if not batches:
+                    del self._coin_batches[entry.coin_id]
+
+    def batch_counts(self, batch_id: str) -> BatchCounts:
+        """The batch's counts, and its last queued coin's taskRun (for its ETA)."""
+        queued = self._batch_queued[batch_id]
+        while queued and -queued[0] not in self._queued:
+            heapq.heappop(queued)
+        return BatchCounts(dict(self._batches[batch_id]), -queued[0] if queued else None)
+
+    # -- the queue and the done index -----------------------------------------------------------
+
+    def queued_up_to(self, task_run: int) -> int:
+        return self._queued.up_to(task_run)
+
+    def done_index(self, since: int = 0) -> list[tuple[int, str]]:
+        return [(run, self._done_coin[run]) for run in self._done.after(since)]
 
 
 class Store(ABC):
@@ -373,13 +481,12 @@ class MemoryStore(Store):
     def _reset(self) -> None:
         """Empty every structure; a new generation makes claims taken before it stale."""
         self._coins: dict[str, CoinRecord] = {}
+        self._tallies = Tallies()
         self._claims: dict[str, int] = {}
         self._queue: list[tuple[int, str]] = []
         self._stale_in_queue = 0
         self._deferred: list[tuple[float, int, str]] = []
         self._first_pass: dict[str, frozenset] = {}
-        self._done_runs: list[int] = []
-        self._done_by_run: dict[int, str] = {}
         self._batches: dict[str, _MemoryBatch] = {}
         self._next_task_run = 1
         self._generation += 1
@@ -392,19 +499,31 @@ class MemoryStore(Store):
             plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins.get)
             if batch is None:
                 batch = self._batches[plan.result.batch] = _MemoryBatch(plan.result.batch, self._clock())
+                self._tallies.batch_added(batch.id)
             for coin_id, task_run in plan.new_coins:
-                self._coins[coin_id] = CoinRecord(coin_id, task_run, QUEUED)
+                self._set(CoinRecord(coin_id, task_run, QUEUED))
                 heapq.heappush(self._queue, (task_run, coin_id))
             for coin_id, task_run, reason in plan.new_invalid:
-                self._coins[coin_id] = CoinRecord(coin_id, task_run, INVALID, error=reason)
+                self._set(CoinRecord(coin_id, task_run, INVALID, error=reason))
             for coin_id in plan.retried:
-                record = self._coins[coin_id] = CoinRecord(coin_id, self._coins[coin_id].task_run, QUEUED)
+                record = self._set(CoinRecord(coin_id, self._coins[coin_id].task_run, QUEUED))
                 heapq.heappush(self._queue, (record.task_run, coin_id))
             batch.entries.extend(plan.entries)
+            self._tallies.entries_added(batch.id, plan.entries, lambda coin_id: self._coins[coin_id].status)
             batch.closed = batch.closed or close
             self._next_task_run = plan.next_task_run
             self._version += 1
             return plan.result
+
+    def _set(self, record: CoinRecord) -> CoinRecord:
+        """Store ``record``, telling the tallies what changed."""
+        old = self._coins.get(record.id)
+        if old is None:
+            self._tallies.coin_added(record.id, record.task_run, record.status)
+        else:
+            self._tallies.coin_changed(record.id, record.task_run, old.status, record.status)
+        self._coins[record.id] = record
+        return record
 
     def _open_batch(self, batch_id: str | None) -> _MemoryBatch | None:
         if batch_id is None:
@@ -423,7 +542,7 @@ class MemoryStore(Store):
                 task_run, coin_id = heapq.heappop(self._queue)
                 record = self._coins.get(coin_id)
                 if record is not None and record.status == QUEUED and record.task_run == task_run:
-                    self._coins[coin_id] = CoinRecord(coin_id, task_run, RUNNING)
+                    self._set(CoinRecord(coin_id, task_run, RUNNING))
                     token = self._claims[coin_id] = next(self._tokens)
                     return Claim(coin_id, task_run, self._generation, token, self._first_pass.get(coin_id))
                 self._stale_in_queue = max(0, self._stale_in_queue - 1)
@@ -449,7 +568,7 @@ class MemoryStore(Store):
             record = self._claimed(claim)
             if record is None:
                 return False
-            self._coins[claim.coin_id] = CoinRecord(claim.coin_id, record.task_run, QUEUED)
+            self._set(CoinRecord(claim.coin_id, record.task_run, QUEUED))
             del self._claims[claim.coin_id]
             self._first_pass[claim.coin_id] = first_pass
             heapq.heappush(self._deferred, (not_before, record.task_run, claim.coin_id))
@@ -480,12 +599,10 @@ class MemoryStore(Store):
             record = self._claimed(claim)
             if record is None:
                 return False
-            self._coins[claim.coin_id] = finished_record(claim.coin_id, record.task_run, outcome, self._clock())
+            self._set(finished_record(claim.coin_id, record.task_run, outcome, self._clock()))
             del self._claims[claim.coin_id]
             self._first_pass.pop(claim.coin_id, None)
             if outcome.status == DONE:
-                bisect.insort(self._done_runs, record.task_run)
-                self._done_by_run[record.task_run] = claim.coin_id
                 self._version += 1
             return True
 
@@ -493,7 +610,7 @@ class MemoryStore(Store):
         with self._lock:
             record = self._claimed(claim)
             if record is not None:
-                self._coins[claim.coin_id] = CoinRecord(claim.coin_id, record.task_run, QUEUED)
+                self._set(CoinRecord(claim.coin_id, record.task_run, QUEUED))
                 del self._claims[claim.coin_id]
                 heapq.heappush(self._queue, (record.task_run, claim.coin_id))
 
@@ -503,8 +620,7 @@ class MemoryStore(Store):
 
     def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
         with self._lock:
-            start = bisect.bisect_right(self._done_runs, since)
-            index = [(run, self._done_by_run[run]) for run in self._done_runs[start:]]
+            index = self._tallies.done_index(since)
             if batch_id is None:
                 return index
             batch = self._batches.get(batch_id)
@@ -523,21 +639,14 @@ class MemoryStore(Store):
 
     def status_counts(self) -> dict[str, int]:
         with self._lock:
-            counts = dict.fromkeys(STATUSES, 0)
-            for record in self._coins.values():
-                counts[record.status] += 1
-            return counts
+            return dict(self._tallies.by_status)
 
     def queued_up_to(self, task_run: int) -> int:
         with self._lock:
-            return sum(1 for r in self._coins.values() if r.status == QUEUED and r.task_run <= task_run)
+            return self._tallies.queued_up_to(task_run)
 
     def _summary(self, batch: _MemoryBatch) -> BatchSummary:
-        def status_of(coin_id: str) -> str | None:
-            record = self._coins.get(coin_id)
-            return record.status if record else None
-
-        counted = tally((entry.kind, status_of(entry.coin_id), 1, entry.task_run) for entry in batch.entries)
+        counted = self._tallies.batch_counts(batch.id)
         return BatchSummary(batch.id, batch.created, batch.closed, counted.counts, counted.last_queued_task_run)
 
     def batch(self, batch_id: str) -> BatchSummary | None:
@@ -554,6 +663,7 @@ class MemoryStore(Store):
             batch = self._batches.pop(batch_id, None)
             if batch is None:
                 raise BatchNotFound(batch_id)
+            self._tallies.batch_removed(batch_id, batch.entries)
             wanted = {entry.coin_id for other in self._batches.values() for entry in other.entries}
             cancelled = []
             for entry in batch.entries:
@@ -561,6 +671,7 @@ class MemoryStore(Store):
                 if (entry.kind == COIN and record and record.status in (QUEUED, RUNNING)
                         and entry.coin_id not in wanted):
                     del self._coins[entry.coin_id]
+                    self._tallies.coin_removed(entry.coin_id, record.task_run, record.status)
                     self._claims.pop(entry.coin_id, None)
                     self._first_pass.pop(entry.coin_id, None)
                     cancelled.append(entry.coin_id)
@@ -599,381 +710,10 @@ class _MemoryBatch:
     entries: list[BatchEntry] = field(default_factory=list)
 
 
-# MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction; a later
-# release appends a step, and a user's file is brought up to date when the service starts.
-MIGRATIONS = [
-    """
-CREATE TABLE coins (
-    id TEXT PRIMARY KEY,
-    task_run INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    exchanges TEXT,
-    error TEXT
-);
-CREATE INDEX coins_by_status ON coins (status, task_run);
-CREATE TABLE batches (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    closed INTEGER NOT NULL DEFAULT 0,
-    position INTEGER NOT NULL
-);
-CREATE TABLE batch_entries (
-    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    coin_id TEXT NOT NULL,
-    task_run INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    PRIMARY KEY (batch_id, position)
-);
-CREATE INDEX batch_entries_by_coin ON batch_entries (coin_id);
-CREATE TABLE counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT INTO counters (name, value) VALUES ('next_task_run', 1), ('next_batch_position', 1);
-""",
-    # 2: the token of the claim a running coin is under, so that a cancelled claim cannot land.
-    """
-ALTER TABLE coins ADD COLUMN claim INTEGER NOT NULL DEFAULT 0;
-""",
-    # 3: page drift (a coin waits, with its first pass), a done coin's facts, and the credit count.
-    """
-ALTER TABLE coins ADD COLUMN not_before REAL;
-ALTER TABLE coins ADD COLUMN first_pass TEXT;
-ALTER TABLE coins ADD COLUMN fetched_at REAL;
-ALTER TABLE coins ADD COLUMN tickers INTEGER;
-ALTER TABLE coins ADD COLUMN total INTEGER;
-ALTER TABLE coins ADD COLUMN complete INTEGER;
-CREATE TABLE credits (month TEXT PRIMARY KEY, used INTEGER NOT NULL);
-""",
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class SqliteStore(Store):
-    """Everything in one SQLite file, every change in one transaction.
-
-    One process owns the file: a second one is refused (an advisory lock on
-    ``<path>.lock``), since two workers on one queue would fetch coins twice.
-    """
-
-    def __init__(self, path: str, clock: Callable[[], float] = time.time, lock_wait: float = 0.0) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._tokens = itertools.count(1)
-        self._lock_file = None if path == MEMORY_PATH else _lock_exclusively(path, lock_wait)
-        try:
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._migrate(path)
-            requeued = self._conn.execute("UPDATE coins SET status = ? WHERE status = ?", (QUEUED, RUNNING)).rowcount
-        except (sqlite3.Error, StoreError) as exc:
-            if self._lock_file is not None:
-                self._lock_file.close()
-            if isinstance(exc, StoreError):
-                raise
-            raise StoreError(f"cannot open COINS_DB {path!r}: {exc}") from exc
-        if requeued:
-            log.info("resumed %d coin(s) that were running when the service stopped", requeued)
-        self._generation = 1
-        self._version = 1
-
-    def _migrate(self, path: str) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"COINS_DB {path!r} has schema version {version}, written by a newer release; "
-                f"this release reads version {SCHEMA_VERSION}: upgrade the service or point COINS_DB at a new file"
-            )
-        for step in range(version, SCHEMA_VERSION):
-            self._conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version = {step + 1}; COMMIT;")
-            log.info("COINS_DB %r: schema version %d", path, step + 1)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a crash at any instant leaves the file as before or after it."""
-        conn = self._conn
-        if not conn.in_transaction:
-            conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-
-    def _counter(self, name: str) -> int:
-        return self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
-
-    def _set_counter(self, name: str, value: int) -> None:
-        self._conn.execute("UPDATE counters SET value = ? WHERE name = ?", (value, name))
-
-    def _lookup(self, coin_id: str) -> CoinRecord | None:
-        row = self._conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ?", (coin_id,)).fetchone()
-        return _row_to_record(row) if row else None
-
-    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
-        with self._lock, self._transaction() as conn:
-            if batch_id is not None:
-                row = conn.execute("SELECT closed FROM batches WHERE id = ?", (batch_id,)).fetchone()
-                if row is None:
-                    raise BatchNotFound(batch_id)
-                if row[0]:
-                    raise BatchClosed(batch_id)
-            else:
-                batch_id = new_batch_id()
-                position = self._counter("next_batch_position")
-                conn.execute(
-                    "INSERT INTO batches (id, created, position) VALUES (?, ?, ?)", (batch_id, self._clock(), position)
-                )
-                self._set_counter("next_batch_position", position + 1)
-            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), self._lookup)
-            conn.executemany(
-                "INSERT INTO coins (id, task_run, status) VALUES (?, ?, ?)",
-                [(coin_id, task_run, QUEUED) for coin_id, task_run in plan.new_coins],
-            )
-            conn.executemany(
-                "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
-                [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
-            )
-            conn.executemany(
-                "UPDATE coins SET status = ?, error = NULL WHERE id = ?",
-                [(QUEUED, coin_id) for coin_id in plan.retried],
-            )
-            first = conn.execute(
-                "SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = ?", (batch_id,)
-            ).fetchone()[0]
-            conn.executemany(
-                "INSERT INTO batch_entries (batch_id, position, coin_id, task_run, kind) VALUES (?, ?, ?, ?, ?)",
-                [(batch_id, first + i, e.coin_id, e.task_run, e.kind) for i, e in enumerate(plan.entries)],
-            )
-            if close:
-                conn.execute("UPDATE batches SET closed = 1 WHERE id = ?", (batch_id,))
-            self._set_counter("next_task_run", plan.next_task_run)
-            self._version += 1
-            return plan.result
-
-    def claim_next(self) -> Claim | None:
-        with self._lock, self._transaction() as conn:
-            row = conn.execute(
-                "SELECT id, task_run, first_pass FROM coins WHERE status = ?"
-                " AND (not_before IS NULL OR not_before <= ?) ORDER BY task_run LIMIT 1",
-                (QUEUED, self._clock()),
-            ).fetchone()
-            if row is None:
-                return None
-            token = next(self._tokens)
-            conn.execute("UPDATE coins SET status = ?, claim = ?, not_before = NULL WHERE id = ?",
-                         (RUNNING, token, row[0]))
-            first_pass = frozenset(tuple(t) for t in json.loads(row[2])) if row[2] is not None else None
-            return Claim(row[0], row[1], self._generation, token, first_pass)
-
-    def finish(self, claim: Claim, outcome: Outcome) -> bool:
-        record = finished_record(claim.coin_id, claim.task_run, outcome, self._clock())
-        exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
-        with self._lock, self._transaction() as conn:
-            if claim.generation != self._generation:
-                return False
-            updated = conn.execute(
-                "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
-                " fetched_at = ?, tickers = ?, total = ?, complete = ?"
-                " WHERE id = ? AND status = ? AND claim = ?",
-                (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
-                 record.complete, claim.coin_id, RUNNING, claim.token),
-            ).rowcount
-            if updated and outcome.status == DONE:
-                self._version += 1
-            return bool(updated)
-
-    def release(self, claim: Claim) -> None:
-        with self._lock, self._transaction() as conn:
-            if claim.generation == self._generation:
-                conn.execute(
-                    "UPDATE coins SET status = ?, claim = 0 WHERE id = ? AND status = ? AND claim = ?",
-                    (QUEUED, claim.coin_id, RUNNING, claim.token),
-                )
-
-    def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
-        not_before = self._clock() + seconds
-        with self._lock, self._transaction() as conn:
-            if claim.generation != self._generation:
-                return False
-            return bool(conn.execute(
-                "UPDATE coins SET status = ?, claim = 0, not_before = ?, first_pass = ?"
-                " WHERE id = ? AND status = ? AND claim = ?",
-                (QUEUED, not_before, json.dumps(sorted(first_pass, key=repr)), claim.coin_id, RUNNING, claim.token),
-            ).rowcount)
-
-    def seconds_until_ready(self) -> float | None:
-        with self._lock:
-            first = self._conn.execute(
-                "SELECT MIN(not_before) FROM coins WHERE status = ? AND not_before IS NOT NULL", (QUEUED,)
-            ).fetchone()[0]
-        return None if first is None else max(0.0, first - self._clock())
-
-    def credits_used(self, month: str) -> int:
-        with self._lock:
-            row = self._conn.execute("SELECT used FROM credits WHERE month = ?", (month,)).fetchone()
-            return row[0] if row else 0
-
-    def add_credits(self, month: str, count: int) -> None:
-        with self._lock, self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO credits (month, used) VALUES (?, ?) ON CONFLICT (month) DO UPDATE SET used = used + ?",
-                (month, count, count),
-            )
-
-    def claim_alive(self, claim: Claim) -> bool:
-        with self._lock:
-            if claim.generation != self._generation:
-                return False
-            row = self._conn.execute(
-                "SELECT 1 FROM coins WHERE id = ? AND status = ? AND claim = ?", (claim.coin_id, RUNNING, claim.token)
-            ).fetchone()
-            return row is not None
-
-    def has_batch(self, batch_id: str) -> bool:
-        with self._lock:
-            return self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is not None
-
-    def record(self, coin_id: str) -> CoinRecord | None:
-        with self._lock:
-            return self._lookup(coin_id)
-
-    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
-        query = "SELECT task_run, id FROM coins WHERE status = ? AND task_run > ?"
-        params: tuple = (DONE, since)
-        with self._lock:
-            if batch_id is not None:
-                if self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
-                    raise BatchNotFound(batch_id)
-                query += " AND id IN (SELECT coin_id FROM batch_entries WHERE batch_id = ?)"
-                params += (batch_id,)
-            return self._conn.execute(query + " ORDER BY task_run", params).fetchall()
-
-    def generation(self) -> int:
-        with self._lock:
-            return self._generation
-
-    def listing_version(self) -> int:
-        with self._lock:
-            return self._version
-
-    def status_counts(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict.fromkeys(STATUSES, 0)
-            counts.update(self._conn.execute("SELECT status, COUNT(*) FROM coins GROUP BY status").fetchall())
-            return counts
-
-    def queued_up_to(self, task_run: int) -> int:
-        with self._lock:
-            return self._conn.execute(
-                "SELECT COUNT(*) FROM coins WHERE status = ? AND task_run <= ?", (QUEUED, task_run)
-            ).fetchone()[0]
-
-    def _summaries(self, where: str = "", params: tuple = ()) -> list[BatchSummary]:
-        batches = self._conn.execute(
-            f"SELECT id, created, closed FROM batches {where} ORDER BY position", params
-        ).fetchall()
-        summaries = []
-        for batch_id, created, closed in batches:
-            counted = tally(
-                self._conn.execute(
-                    "SELECT e.kind, c.status, COUNT(*), MAX(e.task_run) FROM batch_entries e"
-                    " LEFT JOIN coins c ON c.id = e.coin_id WHERE e.batch_id = ? GROUP BY e.kind, c.status",
-                    (batch_id,),
-                )
-            )
-            summaries.append(
-                BatchSummary(batch_id, created, bool(closed), counted.counts, counted.last_queued_task_run)
-            )
-        return summaries
-
-    def batch(self, batch_id: str) -> BatchSummary | None:
-        with self._lock:
-            found = self._summaries("WHERE id = ?", (batch_id,))
-            return found[0] if found else None
-
-    def batches(self) -> list[BatchSummary]:
-        with self._lock:
-            return self._summaries()
-
-    def delete_batch(self, batch_id: str) -> list[str]:
-        with self._lock, self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
-                raise BatchNotFound(batch_id)
-            cancelled = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT DISTINCT e.coin_id FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
-                    " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND NOT EXISTS ("
-                    "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id)"
-                    " ORDER BY c.task_run",
-                    (batch_id, COIN, QUEUED, RUNNING),
-                )
-            ]
-            conn.executemany("DELETE FROM coins WHERE id = ?", [(coin_id,) for coin_id in cancelled])
-            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            self._version += 1
-            return cancelled
-
-    def clear(self) -> int:
-        with self._lock, self._transaction() as conn:
-            dropped = conn.execute("DELETE FROM coins").rowcount
-            conn.execute("DELETE FROM batch_entries")
-            conn.execute("DELETE FROM batches")
-            conn.execute("UPDATE counters SET value = 1")
-            self._generation += 1
-            self._version += 1
-            return dropped
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-            if self._lock_file is not None:
-                self._lock_file.close()
-
-
-RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete"
-
-
-def _row_to_record(row: tuple) -> CoinRecord:
-    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete = row
-    return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None,
-                      error, fetched_at, tickers, total, None if complete is None else bool(complete))
-
-
-def _lock_exclusively(path: str, wait: float):
-    """Hold ``<file>.lock`` beside the real file (links resolved), waiting up to ``wait`` seconds for it.
-
-    The wait lets a reloaded gunicorn worker take over from the one it replaces.
-    """
-    lock_path = os.path.realpath(path) + ".lock"
-    try:
-        handle = open(lock_path, "a")  # noqa: SIM115 - held open for the store's lifetime
-    except OSError as exc:
-        raise StoreError(f"cannot open COINS_DB {path!r}: {exc.strerror} ({os.path.dirname(lock_path)})") from exc
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                handle.close()
-                raise StoreError(
-                    f"another process is using {path!r}: one process owns a COINS_DB file "
-                    "(run one service, and gunicorn with --workers 1)"
-                ) from exc
-            time.sleep(0.05)
-
-
-MEMORY_PATH = ":memory:"
-
-
 def open_store(db_path: str | None, lock_wait: float = 0.0) -> Store:
     """The store the configuration asks for: SQLite at ``db_path``, else in memory."""
-    return SqliteStore(db_path, lock_wait=lock_wait) if db_path else MemoryStore()
+    if not db_path:
+        return MemoryStore()
+    from sqlite_store import SqliteStore
+
+    return SqliteStore(db_path, lock_wait=lock_wait)

@@ -7,7 +7,8 @@ import pytest
 from app import Config, create_app
 from coingecko_client import CoinGeckoClient
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from store import MemoryStore, SqliteStore
+from sqlite_store import SqliteStore
+from store import MemoryStore
 from worker import Worker
 
 UNLIMITED = 1_000_000

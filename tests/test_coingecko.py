@@ -14,7 +14,8 @@ import responses
 from app import Config
 from coingecko_client import CreditsExhausted, Retrieval, UpstreamUnavailable
 from credits import Credits, MemoryLedger, month_end
-from store import DONE, QUEUED, MemoryStore, SqliteStore
+from sqlite_store import SqliteStore
+from store import DONE, QUEUED, MemoryStore
 from test_client import API, FakeTime, make_client
 from test_worker import ScriptedClient
 from worker import Worker

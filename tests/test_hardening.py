@@ -19,7 +19,8 @@ from app import Config, ConfigError, RedactingFormatter
 from coingecko_client import UpstreamUnavailable
 from conftest import fast_client
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from store import MemoryStore, SqliteStore, StoreError
+from sqlite_store import SqliteStore
+from store import MemoryStore, StoreError
 from support import ROOT, eventually, free_port, service, wait_complete
 from worker import Worker
 

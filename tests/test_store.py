@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+from sqlite_store import SqliteStore
 from store import (
     DONE,
     FAILED,
@@ -15,7 +16,6 @@ from store import (
     BatchNotFound,
     CoinRecord,
     Outcome,
-    SqliteStore,
     StoreError,
     malformed_reason,
 )

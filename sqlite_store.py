@@ -1,0 +1,450 @@
+"""The SQLite store: everything in one file (``COINS_DB``), every change in one transaction.
+
+A restart, a ``kill -9`` included, resumes the queue and keeps every record. One process
+owns the file, so the counts are kept in memory (``Tallies``) as this process changes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from store import (
+    COIN,
+    DONE,
+    FAILED,
+    INVALID,
+    QUEUED,
+    RUNNING,
+    BatchClosed,
+    BatchEntry,
+    BatchNotFound,
+    BatchSummary,
+    Claim,
+    CoinRecord,
+    Outcome,
+    Store,
+    StoreError,
+    SubmissionPlan,
+    SubmitResult,
+    Tallies,
+    finished_record,
+    new_batch_id,
+    plan_submission,
+)
+
+log = logging.getLogger(__name__)
+
+
+# MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction; a later
+# release appends a step, and a user's file is brought up to date when the service starts.
+MIGRATIONS = [
+    """
+CREATE TABLE coins (
+    id TEXT PRIMARY KEY,
+    task_run INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    exchanges TEXT,
+    error TEXT
+);
+CREATE INDEX coins_by_status ON coins (status, task_run);
+CREATE TABLE batches (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    position INTEGER NOT NULL
+);
+CREATE TABLE batch_entries (
+    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    coin_id TEXT NOT NULL,
+    task_run INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (batch_id, position)
+);
+CREATE INDEX batch_entries_by_coin ON batch_entries (coin_id);
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO counters (name, value) VALUES ('next_task_run', 1), ('next_batch_position', 1);
+""",
+    # 2: the token of the claim a running coin is under, so that a cancelled claim cannot land.
+    """
+ALTER TABLE coins ADD COLUMN claim INTEGER NOT NULL DEFAULT 0;
+""",
+    # 3: page drift (a coin waits, with its first pass), a done coin's facts, and the credit count.
+    """
+ALTER TABLE coins ADD COLUMN not_before REAL;
+ALTER TABLE coins ADD COLUMN first_pass TEXT;
+ALTER TABLE coins ADD COLUMN fetched_at REAL;
+ALTER TABLE coins ADD COLUMN tickers INTEGER;
+ALTER TABLE coins ADD COLUMN total INTEGER;
+ALTER TABLE coins ADD COLUMN complete INTEGER;
+CREATE TABLE credits (month TEXT PRIMARY KEY, used INTEGER NOT NULL);
+""",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SqliteStore(Store):
+    """Everything in one SQLite file, every change in one transaction.
+
+    One process owns the file: a second one is refused (an advisory lock on
+    ``<path>.lock``), since two workers on one queue would fetch coins twice.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, lock_wait: float = 0.0) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._lock_file = None if path == MEMORY_PATH else _lock_exclusively(path, lock_wait)
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate(path)
+            requeued = self._conn.execute("UPDATE coins SET status = ? WHERE status = ?", (QUEUED, RUNNING)).rowcount
+        except (sqlite3.Error, StoreError) as exc:
+            if self._lock_file is not None:
+                self._lock_file.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"cannot open COINS_DB {path!r}: {exc}") from exc
+        if requeued:
+            log.info("resumed %d coin(s) that were running when the service stopped", requeued)
+        self._generation = 1
+        self._version = 1
+        self._tallies = self._load_tallies()
+
+    def _load_tallies(self) -> Tallies:
+        """The counts of what the file holds, read once: from here on they follow every change."""
+        tallies = Tallies()
+        statuses = {}
+        for coin_id, task_run, status in self._conn.execute("SELECT id, task_run, status FROM coins"):
+            tallies.coin_added(coin_id, task_run, status)
+            statuses[coin_id] = status
+        for (batch_id,) in self._conn.execute("SELECT id FROM batches ORDER BY position").fetchall():
+            tallies.batch_added(batch_id)
+            entries = self._conn.execute(
+                "SELECT coin_id, task_run, kind FROM batch_entries WHERE batch_id = ? ORDER BY position", (batch_id,)
+            )
+            tallies.entries_added(batch_id, (BatchEntry(*row) for row in entries),
+                                  lambda coin_id: statuses.get(coin_id, INVALID))
+        return tallies
+    def _migrate(self, path: str) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"COINS_DB {path!r} has schema version {version}, written by a newer release; "
+                f"this release reads version {SCHEMA_VERSION}: upgrade the service or point COINS_DB at a new file"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            self._conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[step]} PRAGMA user_version = {step + 1}; COMMIT;")
+            log.info("COINS_DB %r: schema version %d", path, step + 1)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a crash at any instant leaves the file as before or after it."""
+        conn = self._conn
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                self._tallies = self._load_tallies()
+                raise
+
+    def _counter(self, name: str) -> int:
+        return self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+
+    def _set_counter(self, name: str, value: int) -> None:
+        self._conn.execute("UPDATE counters SET value = ? WHERE name = ?", (value, name))
+
+    def _lookup(self, coin_id: str) -> CoinRecord | None:
+        row = self._conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ?", (coin_id,)).fetchone()
+        return _row_to_record(row) if row else None
+
+    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
+        with self._lock, self._transaction() as conn:
+            if batch_id is not None:
+                row = conn.execute("SELECT closed FROM batches WHERE id = ?", (batch_id,)).fetchone()
+                if row is None:
+                    raise BatchNotFound(batch_id)
+                if row[0]:
+                    raise BatchClosed(batch_id)
+            else:
+                batch_id = new_batch_id()
+                position = self._counter("next_batch_position")
+                conn.execute(
+                    "INSERT INTO batches (id, created, position) VALUES (?, ?, ?)", (batch_id, self._clock(), position)
+                )
+                self._set_counter("next_batch_position", position + 1)
+                self._tallies.batch_added(batch_id)
+            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), self._lookup)
+            conn.executemany(
+                "INSERT INTO coins (id, task_run, status) VALUES (?, ?, ?)",
+                [(coin_id, task_run, QUEUED) for coin_id, task_run in plan.new_coins],
+            )
+            conn.executemany(
+                "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
+                [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
+            )
+            conn.executemany(
+                "UPDATE coins SET status = ?, error = NULL WHERE id = ?",
+                [(QUEUED, coin_id) for coin_id in plan.retried],
+            )
+            first = conn.execute(
+                "SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = ?", (batch_id,)
+            ).fetchone()[0]
+            conn.executemany(
+                "INSERT INTO batch_entries (batch_id, position, coin_id, task_run, kind) VALUES (?, ?, ?, ?, ?)",
+                [(batch_id, first + i, e.coin_id, e.task_run, e.kind) for i, e in enumerate(plan.entries)],
+            )
+            if close:
+                conn.execute("UPDATE batches SET closed = 1 WHERE id = ?", (batch_id,))
+            self._set_counter("next_task_run", plan.next_task_run)
+            self._tally_submission(plan)
+            self._version += 1
+            return plan.result
+
+    def _tally_submission(self, plan: SubmissionPlan) -> None:
+        tallies = self._tallies
+        for coin_id, task_run in plan.new_coins:
+            tallies.coin_added(coin_id, task_run, QUEUED)
+        for coin_id, task_run, _ in plan.new_invalid:
+            tallies.coin_added(coin_id, task_run, INVALID)
+        runs = {entry.coin_id: entry.task_run for entry in plan.entries}
+        for coin_id in plan.retried:
+            tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
+        tallies.entries_added(plan.result.batch, plan.entries, lambda coin_id: QUEUED)
+
+    def claim_next(self) -> Claim | None:
+        with self._lock, self._transaction() as conn:
+            row = conn.execute(
+                "SELECT id, task_run, first_pass FROM coins WHERE status = ?"
+                " AND (not_before IS NULL OR not_before <= ?) ORDER BY task_run LIMIT 1",
+                (QUEUED, self._clock()),
+            ).fetchone()
+            if row is None:
+                return None
+            token = next(self._tokens)
+            conn.execute("UPDATE coins SET status = ?, claim = ?, not_before = NULL WHERE id = ?",
+                         (RUNNING, token, row[0]))
+            self._tallies.coin_changed(row[0], row[1], QUEUED, RUNNING)
+            first_pass = frozenset(tuple(t) for t in json.loads(row[2])) if row[2] is not None else None
+            return Claim(row[0], row[1], self._generation, token, first_pass)
+
+    def finish(self, claim: Claim, outcome: Outcome) -> bool:
+        record = finished_record(claim.coin_id, claim.task_run, outcome, self._clock())
+        exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
+        with self._lock, self._transaction() as conn:
+            if claim.generation != self._generation:
+                return False
+            updated = conn.execute(
+                "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
+                " fetched_at = ?, tickers = ?, total = ?, complete = ?"
+                " WHERE id = ? AND status = ? AND claim = ?",
+                (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
+                 record.complete, claim.coin_id, RUNNING, claim.token),
+            ).rowcount
+            if updated:
+                self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, record.status)
+                self._version += outcome.status == DONE
+            return bool(updated)
+
+    def release(self, claim: Claim) -> None:
+        with self._lock, self._transaction() as conn:
+            if claim.generation == self._generation and conn.execute(
+                "UPDATE coins SET status = ?, claim = 0 WHERE id = ? AND status = ? AND claim = ?",
+                (QUEUED, claim.coin_id, RUNNING, claim.token),
+            ).rowcount:
+                self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, QUEUED)
+
+    def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
+        not_before = self._clock() + seconds
+        with self._lock, self._transaction() as conn:
+            if claim.generation != self._generation:
+                return False
+            deferred = conn.execute(
+                "UPDATE coins SET status = ?, claim = 0, not_before = ?, first_pass = ?"
+                " WHERE id = ? AND status = ? AND claim = ?",
+                (QUEUED, not_before, json.dumps(sorted(first_pass, key=repr)), claim.coin_id, RUNNING, claim.token),
+            ).rowcount
+            if deferred:
+                self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, QUEUED)
+            return bool(deferred)
+
+    def seconds_until_ready(self) -> float | None:
+        with self._lock:
+            first = self._conn.execute(
+                "SELECT MIN(not_before) FROM coins WHERE status = ? AND not_before IS NOT NULL", (QUEUED,)
+            ).fetchone()[0]
+        return None if first is None else max(0.0, first - self._clock())
+
+    def credits_used(self, month: str) -> int:
+        with self._lock:
+            row = self._conn.execute("SELECT used FROM credits WHERE month = ?", (month,)).fetchone()
+            return row[0] if row else 0
+
+    def add_credits(self, month: str, count: int) -> None:
+        with self._lock, self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO credits (month, used) VALUES (?, ?) ON CONFLICT (month) DO UPDATE SET used = used + ?",
+                (month, count, count),
+            )
+
+    def claim_alive(self, claim: Claim) -> bool:
+        with self._lock:
+            if claim.generation != self._generation:
+                return False
+            row = self._conn.execute(
+                "SELECT 1 FROM coins WHERE id = ? AND status = ? AND claim = ?", (claim.coin_id, RUNNING, claim.token)
+            ).fetchone()
+            return row is not None
+
+    def has_batch(self, batch_id: str) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is not None
+
+    def record(self, coin_id: str) -> CoinRecord | None:
+        with self._lock:
+            return self._lookup(coin_id)
+
+    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+        with self._lock:
+            index = self._tallies.done_index(since)
+            if batch_id is None:
+                return index
+            if self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
+                raise BatchNotFound(batch_id)
+            wanted = {row[0] for row in self._conn.execute(
+                "SELECT coin_id FROM batch_entries WHERE batch_id = ?", (batch_id,))}
+            return [(run, coin_id) for run, coin_id in index if coin_id in wanted]
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def listing_version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def status_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._tallies.by_status)
+
+    def queued_up_to(self, task_run: int) -> int:
+        with self._lock:
+            return self._tallies.queued_up_to(task_run)
+
+    def _summaries(self, where: str = "", params: tuple = ()) -> list[BatchSummary]:
+        summaries = []
+        for batch_id, created, closed in self._conn.execute(
+            f"SELECT id, created, closed FROM batches {where} ORDER BY position", params
+        ):
+            counted = self._tallies.batch_counts(batch_id)
+            summaries.append(
+                BatchSummary(batch_id, created, bool(closed), counted.counts, counted.last_queued_task_run)
+            )
+        return summaries
+
+    def batch(self, batch_id: str) -> BatchSummary | None:
+        with self._lock:
+            found = self._summaries("WHERE id = ?", (batch_id,))
+            return found[0] if found else None
+
+    def batches(self) -> list[BatchSummary]:
+        with self._lock:
+            return self._summaries()
+
+    def delete_batch(self, batch_id: str) -> list[str]:
+        with self._lock, self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
+                raise BatchNotFound(batch_id)
+            cancelled = conn.execute(
+                "SELECT DISTINCT e.coin_id, c.task_run, c.status FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
+                " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND NOT EXISTS ("
+                "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id)"
+                " ORDER BY c.task_run",
+                (batch_id, COIN, QUEUED, RUNNING),
+            ).fetchall()
+            entries = conn.execute(
+                "SELECT coin_id, task_run, kind FROM batch_entries WHERE batch_id = ?", (batch_id,)
+            ).fetchall()
+            conn.executemany("DELETE FROM coins WHERE id = ?", [(row[0],) for row in cancelled])
+            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            self._tallies.batch_removed(batch_id, (BatchEntry(*row) for row in entries))
+            for coin_id, task_run, status in cancelled:
+                self._tallies.coin_removed(coin_id, task_run, status)
+            self._version += 1
+            return [row[0] for row in cancelled]
+
+    def clear(self) -> int:
+        with self._lock, self._transaction() as conn:
+            dropped = conn.execute("DELETE FROM coins").rowcount
+            conn.execute("DELETE FROM batch_entries")
+            conn.execute("DELETE FROM batches")
+            conn.execute("UPDATE counters SET value = 1")
+            self._tallies = Tallies()
+            self._generation += 1
+            self._version += 1
+            return dropped
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
+
+
+RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete"
+
+
+def _row_to_record(row: tuple) -> CoinRecord:
+    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete = row
+    return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None,
+                      error, fetched_at, tickers, total, None if complete is None else bool(complete))
+
+
+def _lock_exclusively(path: str, wait: float):
+    """Hold ``<file>.lock`` beside the real file (links resolved), waiting up to ``wait`` seconds for it.
+
+    The wait lets a reloaded gunicorn worker take over from the one it replaces.
+    """
+    lock_path = os.path.realpath(path) + ".lock"
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115 - held open for the store's lifetime
+    except OSError as exc:
+        raise StoreError(f"cannot open COINS_DB {path!r}: {exc.strerror} ({os.path.dirname(lock_path)})") from exc
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise StoreError(
+                    f"another process is using {path!r}: one process owns a COINS_DB file "
+                    "(run one service, and gunicorn with --workers 1)"
+                ) from exc
+            time.sleep(0.05)
+
+
+MEMORY_PATH = ":memory:"

@@ -225,8 +225,7 @@ class SqliteStore(Store):
 
     def _tally_submission(self, plan: SubmissionPlan) -> None:
         tallies = self._tallies
-        for coin_id, task_run in plan.new_coins:
-            tallies.coin_added(coin_id, task_run, QUEUED)
+        tallies.queued_coins_added(plan.new_coins)
         for coin_id, task_run, _ in plan.new_invalid:
             tallies.coin_added(coin_id, task_run, INVALID)
         runs = {entry.coin_id: entry.task_run for entry in plan.entries}

@@ -18,6 +18,8 @@ import heapq
 import itertools
 import logging
 import os
+import re
+import sys
 import threading
 import time
 import unicodedata
@@ -35,6 +37,7 @@ COIN, DUPLICATE, MALFORMED = "coin", "duplicate", "malformed"
 
 MAX_ID_LENGTH = 200
 FORBIDDEN_ID_CHARACTERS = frozenset("/\\?#%")
+ASCII_FORBIDDEN = re.compile(r"[\x00-\x20\x7f/\\?#%]")
 SHOWN_ID_LENGTH = 210
 
 
@@ -88,7 +91,7 @@ class Outcome:
     @classmethod
     def done(cls, exchanges: Sequence[str], tickers: int | None = None, total: int | None = None,
              complete: bool = True) -> Outcome:
-        unique = tuple(sorted(set(exchanges)))
+        unique = tuple(sorted({sys.intern(name) for name in exchanges}))
         return cls(DONE, unique, None, len(unique) if tickers is None else tickers, total, complete)
 
     @classmethod
@@ -130,9 +133,15 @@ class BatchSummary:
 
 
 def malformed_reason(coin_id: str) -> str | None:
-    """Why ``coin_id`` can never be a CoinGecko ID (and so must never go upstream), or None."""
+    """Why ``coin_id`` can never be a CoinGecko ID (and so must never go upstream), or None.
+
+    An ASCII ID (nearly all of them) is checked by one compiled expression; others
+    character by character, for Unicode's white space and control categories.
+    """
     if len(coin_id) > MAX_ID_LENGTH:
         return f"longer than {MAX_ID_LENGTH} characters"
+    if coin_id.isascii() and not ASCII_FORBIDDEN.search(coin_id):
+        return None
     for char in coin_id:
         if char.isspace():
             return "contains white space"
@@ -255,6 +264,14 @@ class SortedRuns:
     def add(self, run: int) -> None:
         bisect.insort(self.runs, run)
 
+    def add_all(self, runs: list[int]) -> None:
+        """Add many: an append when they all come after the last (new coins do), else a merge."""
+        runs = sorted(runs)
+        if runs and self.runs and runs[0] < self.runs[-1]:
+            self.runs = sorted(self.runs + runs)
+        else:
+            self.runs.extend(runs)
+
     def remove(self, run: int) -> None:
         index = bisect.bisect_left(self.runs, run)
         if index < len(self.runs) and self.runs[index] == run:
@@ -294,6 +311,11 @@ class Tallies:
     def coin_added(self, coin_id: str, task_run: int, status: str) -> None:
         self.by_status[status] += 1
         self._enter(coin_id, task_run, status)
+
+    def queued_coins_added(self, coins: list[tuple[str, int]]) -> None:
+        """New coins, all queued: one bulk insertion rather than one bisection each."""
+        self.by_status[QUEUED] += len(coins)
+        self._queued.add_all([task_run for _, task_run in coins])
 
     def coin_changed(self, coin_id: str, task_run: int, old: str, new: str) -> None:
         if old == new:
@@ -337,6 +359,7 @@ class Tallies:
 
     def entries_added(self, batch_id: str, entries: Iterable[BatchEntry], status_of: Callable[[str], str]) -> None:
         counts, queued = self._batches[batch_id], self._batch_queued[batch_id]
+        coin_batches = self._coin_batches
         for entry in entries:
             counts["submitted"] += 1
             if entry.kind == DUPLICATE:
@@ -346,9 +369,10 @@ class Tallies:
             else:
                 status = status_of(entry.coin_id)
                 counts[status] += 1
-                self._coin_batches.setdefault(entry.coin_id, []).append(batch_id)
+                coin_batches.setdefault(entry.coin_id, []).append(batch_id)
                 if status == QUEUED:
-                    heapq.heappush(queued, -entry.task_run)
+                    queued.append(-entry.task_run)
+        heapq.heapify(queued)
 
     def batch_removed(self, batch_id: str, entries: Iterable[BatchEntry]) -> None:
         del self._batches[batch_id], self._batch_queued[batch_id]
@@ -501,8 +525,9 @@ class MemoryStore(Store):
                 batch = self._batches[plan.result.batch] = _MemoryBatch(plan.result.batch, self._clock())
                 self._tallies.batch_added(batch.id)
             for coin_id, task_run in plan.new_coins:
-                self._set(CoinRecord(coin_id, task_run, QUEUED))
-                heapq.heappush(self._queue, (task_run, coin_id))
+                self._coins[coin_id] = CoinRecord(coin_id, task_run, QUEUED)
+                self._queue.append((task_run, coin_id))  # the highest numbers yet: still a heap
+            self._tallies.queued_coins_added(plan.new_coins)
             for coin_id, task_run, reason in plan.new_invalid:
                 self._set(CoinRecord(coin_id, task_run, INVALID, error=reason))
             for coin_id in plan.retried:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 
 import pytest
@@ -15,10 +16,13 @@ from store import (
     BatchClosed,
     BatchNotFound,
     CoinRecord,
+    MemoryStore,
     Outcome,
     StoreError,
     malformed_reason,
 )
+
+STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
 
 
 def done(store, since: int = 0, batch_id: str | None = None) -> list:
@@ -273,3 +277,69 @@ def test_sqlite_uses_wal(tmp_path):
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
 
+
+
+# -- counts kept as the data changes ------------------------------------------------------------
+
+
+def test_kept_counts_agree_with_a_recount_after_every_change(tmp_path):
+    """Random submissions, claims, outcomes, releases, deferrals, deletions: after each, both stores'
+    counts equal a recount from their records, and each other."""
+    rng = random.Random(11)
+    stores = [MemoryStore(), SqliteStore(str(tmp_path / "c.db"))]
+    universe = [f"c{i}" for i in range(40)] + ["bad/id"]
+    claims: list[list] = [[], []]
+    batch_ids: list[str] = []
+    owned: dict[str, list[str]] = {}
+
+    def recount(store) -> tuple[dict, list[int]]:
+        records = [r for r in (store.record(stored) for stored in universe) if r is not None]
+        counts = dict.fromkeys(("queued", "running", "done", "invalid", "failed"), 0)
+        for record in records:
+            counts[record.status] += 1
+        queued = sorted(r.task_run for r in records if r.status == QUEUED)
+        return counts, queued
+
+    for step in range(400):
+        action = rng.choice(["submit", "claim", "claim", "finish", "release", "defer", "delete"])
+        if action == "submit" or not batch_ids:
+            ids = rng.choices(universe, k=rng.randint(1, 6))
+            results = [store.submit(ids) for store in stores]
+            assert (results[0].queued, results[0].task_runs) == (results[1].queued, results[1].task_runs)
+            batch_ids.append((results[0].batch, results[1].batch))
+            owned[results[0].batch] = owned[results[1].batch] = results[0].queued
+        elif action == "claim":
+            for store, held in zip(stores, claims, strict=True):
+                claim = store.claim_next()
+                if claim is not None:
+                    held.append(claim)
+        elif action in ("finish", "release", "defer") and claims[0]:
+            index = rng.randrange(len(claims[0]))
+            outcome = rng.choice([Outcome.done(["x", "y"]), Outcome.failed("boom"), Outcome.invalid("no")])
+            for store, held in zip(stores, claims, strict=True):
+                claim = held.pop(index)
+                if action == "finish":
+                    store.finish(claim, outcome)
+                elif action == "release":
+                    store.release(claim)
+                else:
+                    store.defer(claim, 0.0, frozenset())
+        elif action == "delete":
+            pair = batch_ids.pop(rng.randrange(len(batch_ids)))
+            assert stores[0].delete_batch(pair[0]) == stores[1].delete_batch(pair[1])
+        answers = []
+        for store in stores:
+            counts, queued = recount(store)
+            assert store.status_counts() == counts, (step, action)
+            for run in (0, 5, 20, 60, 10**6):
+                assert store.queued_up_to(run) == sum(1 for q in queued if q <= run), (step, run)
+            for summary in store.batches():
+                runs = [r.task_run for r in map(store.record, owned[summary.id]) if r and r.status == QUEUED]
+                assert summary.last_queued_task_run == max(runs, default=None), (step, action)
+            summaries = [(s.counts, s.last_queued_task_run, s.closed) for s in store.batches()]
+            for counted, _, _ in summaries:
+                assert counted["submitted"] == sum(counted[k] for k in STATUS_KEYS + ("duplicates",))
+            answers.append((counts, summaries, store.done_index()))
+        assert answers[0] == answers[1], (step, action)
+    for store in stores:
+        store.close()

@@ -239,7 +239,7 @@ def create_app(
             cache_seconds=config.cache_seconds,
             setup=lambda: config.adopt_key(client),
         )
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.update(COINS=config)
     register_web(app, Services(store, worker))
     if start_worker:

@@ -229,6 +229,7 @@ class CoinGeckoClient:
         self.limiter = RateLimiter(rate_limit, clock=clock, sleep=self._sleep)
         self.rate_limit_backoff = rate_limit_backoff or max(1.0, 2 * self.limiter.interval)
         self.credits = credits or Credits()
+        self.on_call: Callable[[str, float], None] | None = None
         self._secret = api_key if api_key and key_header else None
         self._session = session or _session_for(concurrency)
         if self._secret:
@@ -308,16 +309,24 @@ class CoinGeckoClient:
                 )
             calls += 1
             self._count_call()
-            response = None
+            response, result, started = None, None, time.perf_counter()
+            elapsed = 0.0
             try:
                 response = self._session.get(self.base_url + path, params=params, timeout=self.timeout)
-                if response.status_code == 429 or _cloudflare_code(response) == 1015:
+                elapsed = time.perf_counter() - started
+                result = _answer_result(response)
+                if result == "rate_limited":
                     self._back_off_rate_limit(response, path)
                     continue
                 self._consecutive_429 = 0
                 return self._check(response), response.headers, calls
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError, _Transient) as exc:
+                if result is None:
+                    elapsed = time.perf_counter() - started
+                    result = _failure_result(exc)
+                elif result == "ok":
+                    result = "bad_body"
                 failures += 1
                 reason = _describe(exc)
                 if not _no_answer(exc):
@@ -335,6 +344,8 @@ class CoinGeckoClient:
                 self._sleep(delay)
             finally:
                 self.credits.settle(response is not None and response.status_code == 200)
+                if self.on_call is not None and result is not None:
+                    self.on_call(result, elapsed)
 
     def _refusal(self, response: requests.Response) -> str | None:
         """Why CoinGecko refuses every call (a key, a plan, a firewall), with what to change; else None."""
@@ -562,6 +573,26 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, requests.ConnectionError):
         return f"the connection failed ({cause})" if cause else "the connection failed or was dropped"
     return str(exc)
+
+
+def _answer_result(response: requests.Response) -> str:
+    """What an answer was, for the metrics: ok (until its body proves bad), or why not."""
+    status = response.status_code
+    if status == 429 or _cloudflare_code(response) == 1015:
+        return "rate_limited"
+    if status == 200:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    return "server_error" if status >= 500 else "refused"
+
+
+def _failure_result(exc: Exception) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timeout"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError):
+        return "bad_body"
+    return "connection"
 
 
 def _no_answer(exc: Exception) -> bool:

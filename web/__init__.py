@@ -10,8 +10,9 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from flask import Flask, current_app
+from flask import Flask, Response, current_app, request
 
+from metrics import Metrics
 from store import MemoryStore, Store
 from worker import Worker
 
@@ -36,6 +37,7 @@ class Services:
 
     store: Store
     worker: Worker
+    metrics: Metrics = field(default_factory=Metrics)
     listing: object = None
     _closed: threading.Event = field(default_factory=threading.Event)
 
@@ -44,6 +46,9 @@ class Services:
 
         if self.listing is None:
             self.listing = CoinListing(self.store)
+        self.metrics.watch(self)
+        if self.worker.client.on_call is None:
+            self.worker.client.on_call = self.metrics.upstream_call
 
     def shutdown(self, timeout: float = 3.0) -> None:
         """Stop taking coins, put the ones in flight back in the queue, and close the store."""
@@ -65,7 +70,7 @@ def services() -> Services:
 
 
 def register_web(app: Flask, svc: Services) -> None:
-    from web import batches, coins, errors, health
+    from web import batches, coins, errors, health, status
     from web.submission import MAX_BODY_BYTES
 
     app.extensions[EXTENSION] = svc
@@ -73,6 +78,14 @@ def register_web(app: Flask, svc: Services) -> None:
     app.json.sort_keys = False
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    for module in (coins, batches, health):
+    for module in (coins, batches, health, status):
         app.register_blueprint(module.blueprint)
     errors.register(app)
+    app.after_request(count_request)
+
+
+def count_request(response: Response) -> Response:
+    """Every answer counted for ``/metrics`` under its route's pattern (not its path: IDs are unbounded)."""
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    services().metrics.http_request(request.method, route, response.status_code)
+    return response

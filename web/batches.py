@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
 from store import BatchNotFound, BatchSummary
 from web import Services, services
@@ -13,7 +13,9 @@ blueprint = Blueprint("batches", __name__)
 @blueprint.get("/batches")
 def list_batches():
     svc = services()
-    return jsonify(batches=[batch_view(summary, svc) for summary in svc.store.batches()])
+    response = jsonify(batches=[batch_view(summary, svc) for summary in svc.store.batches()])
+    response.add_etag()
+    return response.make_conditional(request)
 
 
 @blueprint.get("/batches/<batch_id>")

@@ -1,0 +1,82 @@
+"""Prometheus metrics with prometheus_client, fed where things happen.
+
+Counters and the histogram are incremented by the client (each upstream call) and by the
+HTTP layer (each request). The gauges are read at scrape time from state that is already
+kept up to date (the store's tallies, the limiter, the worker's pause, the credits), so a
+scrape costs O(1) whatever the store holds. Each app has a registry of its own; with
+``PROMETHEUS_MULTIPROC_DIR`` set (several gunicorn workers), prometheus_client's
+multiprocess mode sums the workers' files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from store import STATUSES
+
+UPSTREAM_RESULTS = ("ok", "not_found", "rate_limited", "server_error", "timeout", "connection", "bad_body",
+                    "refused")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        multiprocess = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if multiprocess:
+            MultiProcessCollector(self.registry, path=multiprocess)
+        self.upstream_requests = Counter(
+            "coin_retriever_upstream_requests", "Upstream (CoinGecko) calls by result.", ["result"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "coin_retriever_upstream_request_duration_seconds", "Upstream call duration.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "coin_retriever_http_requests", "HTTP requests served, by method, route and status.",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        for result in UPSTREAM_RESULTS:
+            self.upstream_requests.labels(result)
+
+    def upstream_call(self, result: str, seconds: float) -> None:
+        """The client's hook: one upstream call ended with ``result`` after ``seconds``."""
+        self.upstream_requests.labels(result).inc()
+        self.upstream_seconds.observe(seconds)
+
+    def http_request(self, method: str, route: str, status: int) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+
+    def watch(self, services) -> None:
+        """Read the service's gauges at each scrape."""
+        self.registry.register(_StateCollector(services))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, services) -> None:
+        self._services = services
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        svc = self._services
+        counts = svc.store.status_counts()
+        coins = GaugeMetricFamily("coin_retriever_coins", "Coins by status.", labels=["status"])
+        for status in STATUSES:
+            coins.add_metric([status], counts[status])
+        yield coins
+        yield GaugeMetricFamily("coin_retriever_queue_length", "Coins waiting to be retrieved.", counts["queued"])
+        yield GaugeMetricFamily("coin_retriever_rate_limit_per_minute", "Upstream calls a minute the service keeps to.",
+                                svc.worker.client.limiter.per_minute)
+        yield GaugeMetricFamily("coin_retriever_worker_paused", "1 while the worker is paused by the upstream.",
+                                1 if svc.worker.pause_reason() else 0)
+        yield GaugeMetricFamily("coin_retriever_credits_used", "Upstream credits used this month (UTC).",
+                                svc.worker.client.credits.state()["used"])

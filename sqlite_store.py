@@ -130,8 +130,12 @@ class SqliteStore(Store):
         """The counts of what the file holds, read once: from here on they follow every change."""
         tallies = Tallies()
         statuses = {}
-        for coin_id, task_run, status in self._conn.execute("SELECT id, task_run, status FROM coins"):
+        for coin_id, task_run, status, exchanges in self._conn.execute(
+            "SELECT id, task_run, status, exchanges FROM coins"
+        ):
             tallies.coin_added(coin_id, task_run, status)
+            if status == DONE:
+                tallies.exchanges_listed(task_run, json.loads(exchanges or "[]"))
             statuses[coin_id] = status
         for (batch_id,) in self._conn.execute("SELECT id FROM batches ORDER BY position").fetchall():
             tallies.batch_added(batch_id)
@@ -264,6 +268,8 @@ class SqliteStore(Store):
             ).rowcount
             if updated:
                 self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, record.status)
+                if record.status == DONE:
+                    self._tallies.exchanges_listed(claim.task_run, record.exchanges)
                 self._version += outcome.status == DONE
             return bool(updated)
 
@@ -316,6 +322,14 @@ class SqliteStore(Store):
                 "SELECT 1 FROM coins WHERE id = ? AND status = ? AND claim = ?", (claim.coin_id, RUNNING, claim.token)
             ).fetchone()
             return row is not None
+
+    def exchanges(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return self._tallies.exchange_counts()
+
+    def exchange(self, exchange_id: str) -> list[str] | None:
+        with self._lock:
+            return self._tallies.exchange_coins(exchange_id)
 
     def has_batch(self, batch_id: str) -> bool:
         with self._lock:

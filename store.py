@@ -305,6 +305,8 @@ class Tallies:
         self._queued = SortedRuns()
         self._done = SortedRuns()
         self._done_coin: dict[int, str] = {}
+        self._exchanges: dict[str, SortedRuns] = {}
+        self._run_exchanges: dict[int, tuple[str, ...]] = {}
 
     # -- coins --------------------------------------------------------------------------------
 
@@ -350,6 +352,24 @@ class Tallies:
         elif status == DONE:
             self._done.remove(task_run)
             del self._done_coin[task_run]
+            for exchange in self._run_exchanges.pop(task_run, ()):
+                runs = self._exchanges[exchange]
+                runs.remove(task_run)
+                if not runs.runs:
+                    del self._exchanges[exchange]
+
+    def exchanges_listed(self, task_run: int, exchanges: Iterable[str]) -> None:
+        """A done coin's exchanges, for the index from exchange to coins."""
+        self._run_exchanges[task_run] = tuple(exchanges)
+        for exchange in self._run_exchanges[task_run]:
+            self._exchanges.setdefault(exchange, SortedRuns()).add(task_run)
+
+    def exchange_counts(self) -> list[tuple[str, int]]:
+        return [(exchange, len(self._exchanges[exchange].runs)) for exchange in sorted(self._exchanges)]
+
+    def exchange_coins(self, exchange: str) -> list[str] | None:
+        runs = self._exchanges.get(exchange)
+        return None if runs is None else [self._done_coin[run] for run in runs.runs]
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -445,6 +465,14 @@ class Store(ABC):
 
     @abstractmethod
     def has_batch(self, batch_id: str) -> bool: ...
+
+    @abstractmethod
+    def exchanges(self) -> list[tuple[str, int]]:
+        """Every exchange a done record lists, sorted, with its number of coins."""
+
+    @abstractmethod
+    def exchange(self, exchange_id: str) -> list[str] | None:
+        """The done coins that trade on ``exchange_id``, in taskRun order; None if none does."""
 
     @abstractmethod
     def record(self, coin_id: str) -> CoinRecord | None: ...
@@ -547,8 +575,18 @@ class MemoryStore(Store):
             self._tallies.coin_added(record.id, record.task_run, record.status)
         else:
             self._tallies.coin_changed(record.id, record.task_run, old.status, record.status)
+        if record.status == DONE:
+            self._tallies.exchanges_listed(record.task_run, record.exchanges or ())
         self._coins[record.id] = record
         return record
+
+    def exchanges(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return self._tallies.exchange_counts()
+
+    def exchange(self, exchange_id: str) -> list[str] | None:
+        with self._lock:
+            return self._tallies.exchange_coins(exchange_id)
 
     def _open_batch(self, batch_id: str | None) -> _MemoryBatch | None:
         if batch_id is None:

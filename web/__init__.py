@@ -70,7 +70,7 @@ def services() -> Services:
 
 
 def register_web(app: Flask, svc: Services) -> None:
-    from web import batches, coins, errors, health, status
+    from web import batches, coins, errors, exchanges, health, status
     from web.submission import MAX_BODY_BYTES
 
     app.extensions[EXTENSION] = svc
@@ -78,7 +78,7 @@ def register_web(app: Flask, svc: Services) -> None:
     app.json.sort_keys = False
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
-    for module in (coins, batches, health, status):
+    for module in (coins, batches, exchanges, health, status):
         app.register_blueprint(module.blueprint)
     errors.register(app)
     app.after_request(count_request)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -39,17 +41,36 @@ def submit_coins():
     return jsonify(body), 202, {"Location": f"/batches/{result.batch}"}
 
 
+FORMATS = {"json": "application/json", "csv": "text/csv", "ndjson": "application/x-ndjson"}
+
+
 @blueprint.get("/coins")
 def list_coins():
     since = query_since()
     batch = query_batch()
+    fmt = listing_format()
     svc = services()
     if batch is not None and not svc.store.has_batch(batch):
         raise BatchNotFound(batch)
-    etag = svc.listing.etag(since, batch)
+    etag = svc.listing.etag(since, batch, fmt)
     if request.if_none_match.contains_weak(etag.strip('"')):
         return Response(status=304, headers={"ETag": etag})
-    return Response(svc.listing.body(since, batch), mimetype="application/json", headers={"ETag": etag})
+    headers = {"ETag": etag}
+    if fmt == "ndjson":
+        return Response(svc.listing.stream_ndjson(since, batch), mimetype=FORMATS[fmt], headers=headers)
+    body = svc.listing.body(since, batch) if fmt == "json" else svc.listing.csv_body(since, batch)
+    return Response(body, mimetype=FORMATS[fmt], headers=headers)
+
+
+def listing_format() -> str:
+    """``?format=`` if given, else what the Accept header prefers; JSON by default."""
+    fmt = request.args.get("format")
+    if fmt is not None:
+        if fmt.strip().lower() not in FORMATS:
+            raise ApiError(400, f"?format= takes json, csv or ndjson, not {fmt[:20]!r}")
+        return fmt.strip().lower()
+    best = request.accept_mimetypes.best_match(list(FORMATS.values()), default="application/json")
+    return next(name for name, mimetype in FORMATS.items() if mimetype == best)
 
 
 @blueprint.delete("/coins")
@@ -113,8 +134,8 @@ class CoinListing:
         self._fragments: dict[str, bytes] = {}
         self._fragments_generation: int | None = None
 
-    def etag(self, since: int, batch: str | None) -> str:
-        return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}"'
+    def etag(self, since: int, batch: str | None, fmt: str = "json") -> str:
+        return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}-{fmt}"'
 
     def clear(self) -> None:
         """Drop every cached body and fragment (after ``DELETE /coins``, so the memory is freed now)."""
@@ -123,12 +144,44 @@ class CoinListing:
             self._fragments, self._fragments_generation = {}, None
 
     def body(self, since: int, batch: str | None) -> bytes:
+        return self._cached(("json", since, batch), lambda: b'{"coins":[' + b",".join(
+            self._fragments_of(self._store.generation(), since, batch)) + b"]}")
+
+    def csv_body(self, since: int, batch: str | None) -> bytes:
+        """``id,taskRun,exchange``: a row per coin and exchange (one with the exchange empty for none)."""
+        def build() -> bytes:
+            index = self._store.done_index(since, batch)
+            rows = [CSV_HEADER]
+            for fragment in self._fragments_of(self._store.generation(), since, batch, index):
+                listed = json.loads(fragment)
+                rows.append(csv_rows(listed["id"], listed["taskRun"], listed["exchanges"]))
+            return b"".join(rows)
+
+        return self._cached(("csv", since, batch), build)
+
+    def stream_ndjson(self, since: int, batch: str | None):
+        """One record a line, in chunks of about 64 KB: the listing is never held whole a second time."""
+        fragments = self._fragments_of(self._store.generation(), since, batch)
+
+        def lines():
+            chunk, size = [], 0
+            for fragment in fragments:
+                chunk.append(fragment + b"\n")
+                size += len(fragment) + 1
+                if size >= 1 << 16:
+                    yield b"".join(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                yield b"".join(chunk)
+
+        return lines()
+
+    def _cached(self, key: tuple, build) -> bytes:
         version = self._store.listing_version()
-        key = (since, batch)
         with self._lock:
             if self._bodies_version == version and key in self._bodies:
                 return self._bodies[key]
-        body = b'{"coins":[' + b",".join(self._fragments_of(self._store.generation(), since, batch)) + b"]}"
+        body = build()
         with self._lock:
             if self._bodies_version != version:
                 self._bodies, self._bodies_version = {}, version
@@ -136,8 +189,8 @@ class CoinListing:
                 self._bodies[key] = body
         return body
 
-    def _fragments_of(self, generation: int, since: int, batch: str | None) -> list[bytes]:
-        index = self._store.done_index(since, batch)
+    def _fragments_of(self, generation: int, since: int, batch: str | None, index=None) -> list[bytes]:
+        index = self._store.done_index(since, batch) if index is None else index
         with self._lock:
             if generation != self._fragments_generation:
                 self._fragments, self._fragments_generation = {}, generation
@@ -153,6 +206,16 @@ class CoinListing:
             if still_current and self._fragments_generation == generation:
                 self._fragments.update(new)
         return [fragment for _, coin_id in index if (fragment := known.get(coin_id) or new.get(coin_id))]
+
+
+CSV_HEADER = b"id,taskRun,exchange\r\n"
+
+
+def csv_rows(coin_id: str, task_run: int, exchanges: list[str]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerows([(coin_id, task_run, exchange) for exchange in exchanges] or [(coin_id, task_run, "")])
+    return out.getvalue().encode()
 
 
 def encode_listed(record: CoinRecord) -> bytes:

@@ -230,6 +230,7 @@ class CoinGeckoClient:
         self.rate_limit_backoff = rate_limit_backoff or max(1.0, 2 * self.limiter.interval)
         self.credits = credits or Credits()
         self.on_call: Callable[[str, float], None] | None = None
+        self.successes = 0
         self._secret = api_key if api_key and key_header else None
         self._session = session or _session_for(concurrency)
         if self._secret:
@@ -343,7 +344,9 @@ class CoinGeckoClient:
                             path, reason, failures, self.max_attempts, delay)
                 self._sleep(delay)
             finally:
-                self.credits.settle(response is not None and response.status_code == 200)
+                answered_200 = response is not None and response.status_code == 200
+                self.credits.settle(answered_200)
+                self.successes += answered_200
                 if self.on_call is not None and result is not None:
                     self.on_call(result, elapsed)
 

@@ -67,6 +67,7 @@ class Worker:
         self._pause_lock = threading.Lock()
         self._paused_until = 0.0
         self._pause_reason: str | None = None
+        self._successes_at_pause = 0
         self._pauses_in_a_row = 0
         self._threads: list[threading.Thread] = []
         self._idle_at: list[int | None] = [None] * concurrency
@@ -122,7 +123,10 @@ class Worker:
         return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stop.is_set()
 
     def pause_reason(self) -> str | None:
-        """Why the worker is paused: set by a refused key or a wrong URL, cleared by the next success."""
+        """Why the worker is paused: set by a refused key, a wrong URL or an outage; cleared once a coin is
+        retrieved or any upstream call is answered 200 (the key is accepted, the upstream is back)."""
+        if self.client.successes > self._successes_at_pause:
+            self._resume()
         with self._pause_lock:
             return self._pause_reason
 
@@ -296,6 +300,7 @@ class Worker:
                 seconds = min(MAX_PAUSE_SECONDS, self.pause_seconds * 2 ** (self._pauses_in_a_row - 1))
             self._paused_until = self._clock() + seconds
             self._pause_reason = reason
+            self._successes_at_pause = self.client.successes
         log.error("worker paused for %.0fs: %s; the queue is kept", seconds, reason)
 
     def _resume(self) -> None:

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -59,6 +60,7 @@ class Config:
     cache_seconds: float = 120.0
     monthly_credits: int | None = None
     rate_limit_given: bool = False
+    refresh_after: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -97,6 +99,7 @@ class Config:
             cache_seconds=_number(env, "COINGECKO_CACHE_SECONDS", float, cls.cache_seconds, 0, 86400),
             monthly_credits=_number(env, "COINGECKO_MONTHLY_CREDITS", int, None, 0, 10**12),
             rate_limit_given=text("COINGECKO_RATE_LIMIT") is not None,
+            refresh_after=_duration("REFRESH_AFTER", text("REFRESH_AFTER")),
         )
 
     @property
@@ -145,6 +148,22 @@ def _number(env: Mapping[str, str], name: str, kind: type, default, low, high):
     if not math.isfinite(value) or not low <= value <= high:
         raise ConfigError(f"{name} must be a finite number from {low:g} to {high:g}, not {raw[:40]!r}")
     return value
+
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+SECONDS_IN = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(name: str, value: str | None) -> float | None:
+    """``90s``, ``30m``, ``24h``, ``7d`` (or plain seconds) in seconds; None when unset."""
+    if value is None:
+        return None
+    found = DURATION.fullmatch(value.lower())
+    seconds = float(found.group(1)) * SECONDS_IN[found.group(2)] if found else 0.0
+    if not 1 <= seconds <= 10 * 365 * 86400:
+        raise ConfigError(f"{name} must be a duration such as 90s, 30m, 24h or 7d (1 s to 10 years), "
+                          f"not {value[:40]!r}")
+    return seconds
 
 
 def _header_safe(name: str, value: str | None) -> str | None:
@@ -237,6 +256,7 @@ def create_app(
             concurrency=config.concurrency,
             pause_seconds=config.pause_seconds,
             cache_seconds=config.cache_seconds,
+            refresh_after=config.refresh_after,
             setup=lambda: config.adopt_key(client),
         )
     app = Flask(__name__, static_folder=None)

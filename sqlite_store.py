@@ -91,6 +91,10 @@ ALTER TABLE coins ADD COLUMN total INTEGER;
 ALTER TABLE coins ADD COLUMN complete INTEGER;
 CREATE TABLE credits (month TEXT PRIMARY KEY, used INTEGER NOT NULL);
 """,
+    # 4: a done coin fetched again stays listed with its previous exchanges while it is queued.
+    """
+ALTER TABLE coins ADD COLUMN refreshing INTEGER NOT NULL DEFAULT 0;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -130,12 +134,12 @@ class SqliteStore(Store):
         """The counts of what the file holds, read once: from here on they follow every change."""
         tallies = Tallies()
         statuses = {}
-        for coin_id, task_run, status, exchanges in self._conn.execute(
-            "SELECT id, task_run, status, exchanges FROM coins"
+        for coin_id, task_run, status, exchanges, fetched_at, refreshing in self._conn.execute(
+            "SELECT id, task_run, status, exchanges, fetched_at, refreshing FROM coins"
         ):
             tallies.coin_added(coin_id, task_run, status)
-            if status == DONE:
-                tallies.exchanges_listed(task_run, json.loads(exchanges or "[]"))
+            if status == DONE or refreshing:
+                tallies.list_coin(coin_id, task_run, json.loads(exchanges or "[]"), fetched_at)
             statuses[coin_id] = status
         for (batch_id,) in self._conn.execute("SELECT id FROM batches ORDER BY position").fetchall():
             tallies.batch_added(batch_id)
@@ -184,7 +188,8 @@ class SqliteStore(Store):
         row = self._conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ?", (coin_id,)).fetchone()
         return _row_to_record(row) if row else None
 
-    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
+    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
+               refresh: bool = False) -> SubmitResult:
         with self._lock, self._transaction() as conn:
             if batch_id is not None:
                 row = conn.execute("SELECT closed FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -200,7 +205,11 @@ class SqliteStore(Store):
                 )
                 self._set_counter("next_batch_position", position + 1)
                 self._tallies.batch_added(batch_id)
-            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), self._lookup)
+            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), self._lookup, refresh)
+            conn.executemany(
+                "UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
+                [(QUEUED, coin_id) for coin_id in plan.refreshed],
+            )
             conn.executemany(
                 "INSERT INTO coins (id, task_run, status) VALUES (?, ?, ?)",
                 [(coin_id, task_run, QUEUED) for coin_id, task_run in plan.new_coins],
@@ -235,6 +244,8 @@ class SqliteStore(Store):
         runs = {entry.coin_id: entry.task_run for entry in plan.entries}
         for coin_id in plan.retried:
             tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
+        for coin_id in plan.refreshed:
+            tallies.coin_changed(coin_id, runs[coin_id], DONE, QUEUED)
         tallies.entries_added(plan.result.batch, plan.entries, lambda coin_id: QUEUED)
 
     def claim_next(self) -> Claim | None:
@@ -254,24 +265,47 @@ class SqliteStore(Store):
             return Claim(row[0], row[1], self._generation, token, first_pass)
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
-        record = finished_record(claim.coin_id, claim.task_run, outcome, self._clock())
-        exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
         with self._lock, self._transaction() as conn:
-            if claim.generation != self._generation:
+            current = self._lookup(claim.coin_id)
+            if claim.generation != self._generation or current is None:
                 return False
+            record = finished_record(current, outcome, self._clock())
+            exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
             updated = conn.execute(
                 "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
-                " fetched_at = ?, tickers = ?, total = ?, complete = ?"
+                " fetched_at = ?, tickers = ?, total = ?, complete = ?, refreshing = 0"
                 " WHERE id = ? AND status = ? AND claim = ?",
                 (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
                  record.complete, claim.coin_id, RUNNING, claim.token),
             ).rowcount
             if updated:
                 self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, record.status)
-                if record.status == DONE:
-                    self._tallies.exchanges_listed(claim.task_run, record.exchanges)
-                self._version += outcome.status == DONE
+                if outcome.status == DONE:
+                    self._tallies.list_coin(record.id, record.task_run, record.exchanges, record.fetched_at)
+                    self._version += 1
+                elif record.status == DONE:
+                    self._tallies.aged(record.task_run, record.fetched_at)
             return bool(updated)
+
+    def refresh_oldest(self, age: float) -> str | None:
+        with self._lock, self._transaction() as conn:
+            while (run := self._tallies.oldest_listed(self._clock() - age)) is not None:
+                record = self._lookup(self._tallies.listed_coin(run))
+                if record.status == DONE and not record.refreshing:
+                    conn.execute("UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
+                                 (QUEUED, record.id))
+                    self._tallies.coin_changed(record.id, record.task_run, DONE, QUEUED)
+                    return record.id
+            return None
+
+    def seconds_until_stale(self, age: float) -> float | None:
+        with self._lock:
+            oldest = self._tallies.oldest_fetched_at()
+        return None if oldest is None else max(0.0, oldest + age - self._clock())
+
+    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+        with self._lock:
+            return self._tallies.relisted_since(cursor)
 
     def release(self, claim: Claim) -> None:
         with self._lock, self._transaction() as conn:
@@ -391,7 +425,8 @@ class SqliteStore(Store):
             if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
             cancelled = conn.execute(
-                "SELECT DISTINCT e.coin_id, c.task_run, c.status FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
+                "SELECT DISTINCT e.coin_id, c.task_run, c.status, c.refreshing, c.fetched_at FROM batch_entries e"
+                " JOIN coins c ON c.id = e.coin_id"
                 " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND NOT EXISTS ("
                 "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id)"
                 " ORDER BY c.task_run",
@@ -400,11 +435,17 @@ class SqliteStore(Store):
             entries = conn.execute(
                 "SELECT coin_id, task_run, kind FROM batch_entries WHERE batch_id = ?", (batch_id,)
             ).fetchall()
-            conn.executemany("DELETE FROM coins WHERE id = ?", [(row[0],) for row in cancelled])
+            conn.executemany("DELETE FROM coins WHERE id = ?", [(row[0],) for row in cancelled if not row[3]])
+            conn.executemany("UPDATE coins SET status = ?, refreshing = 0, claim = 0 WHERE id = ?",
+                             [(DONE, row[0]) for row in cancelled if row[3]])
             conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
             self._tallies.batch_removed(batch_id, (BatchEntry(*row) for row in entries))
-            for coin_id, task_run, status in cancelled:
-                self._tallies.coin_removed(coin_id, task_run, status)
+            for coin_id, task_run, status, refreshing, fetched_at in cancelled:
+                if refreshing:
+                    self._tallies.coin_changed(coin_id, task_run, status, DONE)
+                    self._tallies.aged(task_run, fetched_at)
+                else:
+                    self._tallies.coin_removed(coin_id, task_run, status)
             self._version += 1
             return [row[0] for row in cancelled]
 
@@ -426,13 +467,13 @@ class SqliteStore(Store):
                 self._lock_file.close()
 
 
-RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete"
+RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing"
 
 
 def _row_to_record(row: tuple) -> CoinRecord:
-    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete = row
+    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing = row
     return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None,
-                      error, fetched_at, tickers, total, None if complete is None else bool(complete))
+                      error, fetched_at, tickers, total, None if complete is None else bool(complete), bool(refreshing))
 
 
 def _lock_exclusively(path: str, wait: float):

@@ -14,6 +14,7 @@ functions here, so the two stores cannot drift apart.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -66,6 +67,12 @@ class CoinRecord:
     tickers: int | None = None
     total: int | None = None
     complete: bool | None = None
+    refreshing: bool = False
+
+    @property
+    def listed(self) -> bool:
+        """Whether ``GET /coins`` shows it: done, or done before and being fetched again."""
+        return self.status == DONE or self.refreshing
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +185,7 @@ class SubmissionPlan:
     result: SubmitResult
     new_coins: list[tuple[str, int]] = field(default_factory=list)
     new_invalid: list[tuple[str, int, str]] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     entries: list[BatchEntry] = field(default_factory=list)
     next_task_run: int = 1
@@ -188,12 +196,14 @@ def plan_submission(
     coin_ids: Sequence[str],
     next_task_run: int,
     lookup: Callable[[str], CoinRecord | None],
+    refresh: bool = False,
 ) -> SubmissionPlan:
     """Number every entry from one counter and decide what each one is.
 
     Every entry takes the next taskRun, duplicates and malformed ones included; a
     coin keeps the number of its first submission. A coin that failed before is
-    queued again under its old number.
+    queued again under its old number; with ``refresh``, so is a done one (it stays
+    listed until its new retrieval lands).
     """
     plan = SubmissionPlan(result=SubmitResult(batch=batch_id), next_task_run=next_task_run)
     result = plan.result
@@ -221,9 +231,9 @@ def plan_submission(
             plan.new_coins.append((coin_id, number))
             result.queued.append(coin_id)
             plan.entries.append(BatchEntry(coin_id, number, COIN))
-        elif record.status == FAILED:
+        elif record.status == FAILED or (refresh and record.status == DONE):
             seen[coin_id] = record.task_run
-            plan.retried.append(coin_id)
+            (plan.retried if record.status == FAILED else plan.refreshed).append(coin_id)
             result.queued.append(coin_id)
             plan.entries.append(BatchEntry(coin_id, record.task_run, COIN))
         else:
@@ -240,8 +250,12 @@ class BatchCounts:
     last_queued_task_run: int | None
 
 
-def finished_record(coin_id: str, task_run: int, outcome: Outcome, now: float) -> CoinRecord:
-    """The record a claimed coin becomes: a done one carries its retrieval's facts."""
+def finished_record(record: CoinRecord, outcome: Outcome, now: float) -> CoinRecord:
+    """The record a claimed coin becomes: a done one carries its retrieval's facts; a refresh that
+    did not succeed leaves the coin listed as it was, with the error."""
+    coin_id, task_run = record.id, record.task_run
+    if outcome.status != DONE and record.refreshing:
+        return dataclasses.replace(record, status=DONE, refreshing=False, error=f"refresh failed: {outcome.error}")
     if outcome.status != DONE:
         return CoinRecord(coin_id, task_run, outcome.status, error=outcome.error)
     return CoinRecord(coin_id, task_run, DONE, outcome.exchanges, None, now, outcome.tickers, outcome.total,
@@ -253,6 +267,7 @@ def new_batch_id() -> str:
 
 
 COUNT_KEYS = ("submitted", *STATUSES, "duplicates")
+RELISTED_KEPT = 4096
 
 
 class SortedRuns:
@@ -307,6 +322,10 @@ class Tallies:
         self._done_coin: dict[int, str] = {}
         self._exchanges: dict[str, SortedRuns] = {}
         self._run_exchanges: dict[int, tuple[str, ...]] = {}
+        self._fetched_at: dict[int, float] = {}
+        self._by_age: list[tuple[float, int]] = []
+        self._relisted: list[str] = []
+        self._relisted_base = 0
 
     # -- coins --------------------------------------------------------------------------------
 
@@ -338,31 +357,81 @@ class Tallies:
         self.by_status[status] -= 1
         self._leave(task_run, status)
         self._coin_batches.pop(coin_id, None)
+        self.unlist(task_run)
 
     def _enter(self, coin_id: str, task_run: int, status: str) -> None:
         if status == QUEUED:
             self._queued.add(task_run)
-        elif status == DONE:
-            self._done.add(task_run)
-            self._done_coin[task_run] = coin_id
 
     def _leave(self, task_run: int, status: str) -> None:
         if status == QUEUED:
             self._queued.remove(task_run)
-        elif status == DONE:
-            self._done.remove(task_run)
-            del self._done_coin[task_run]
-            for exchange in self._run_exchanges.pop(task_run, ()):
-                runs = self._exchanges[exchange]
-                runs.remove(task_run)
-                if not runs.runs:
-                    del self._exchanges[exchange]
 
-    def exchanges_listed(self, task_run: int, exchanges: Iterable[str]) -> None:
-        """A done coin's exchanges, for the index from exchange to coins."""
+    # -- the listing: done coins, and done ones being fetched again -----------------------------------
+
+    def list_coin(self, coin_id: str, task_run: int, exchanges: Iterable[str], fetched_at: float | None) -> None:
+        """A retrieval landed: the coin is listed with these exchanges (in place of any it had)."""
+        if task_run in self._done_coin:
+            self._unlist_exchanges(task_run)
+            self._relisted.append(coin_id)
+            if len(self._relisted) > RELISTED_KEPT:
+                dropped = len(self._relisted) // 2
+                del self._relisted[:dropped]
+                self._relisted_base += dropped
+        else:
+            self._done.add(task_run)
+            self._done_coin[task_run] = coin_id
         self._run_exchanges[task_run] = tuple(exchanges)
         for exchange in self._run_exchanges[task_run]:
             self._exchanges.setdefault(exchange, SortedRuns()).add(task_run)
+        self.aged(task_run, fetched_at)
+
+    def aged(self, task_run: int, fetched_at: float | None) -> None:
+        """(Again) a candidate for a refresh by age: ``fetched_at`` is when its listed retrieval landed."""
+        if fetched_at is not None:
+            self._fetched_at[task_run] = fetched_at
+            heapq.heappush(self._by_age, (fetched_at, task_run))
+
+    def unlist(self, task_run: int) -> None:
+        if task_run not in self._done_coin:
+            return
+        self._done.remove(task_run)
+        del self._done_coin[task_run]
+        self._fetched_at.pop(task_run, None)
+        self._unlist_exchanges(task_run)
+
+    def _unlist_exchanges(self, task_run: int) -> None:
+        for exchange in self._run_exchanges.pop(task_run, ()):
+            runs = self._exchanges[exchange]
+            runs.remove(task_run)
+            if not runs.runs:
+                del self._exchanges[exchange]
+
+    def listed_coin(self, task_run: int) -> str:
+        return self._done_coin[task_run]
+
+    def oldest_listed(self, before: float) -> int | None:
+        """The taskRun of the listed coin fetched longest ago, if before ``before``; it leaves the age heap
+        (``aged`` puts it back)."""
+        self._drop_stale_ages()
+        if self._by_age and self._by_age[0][0] < before:
+            return heapq.heappop(self._by_age)[1]
+        return None
+
+    def oldest_fetched_at(self) -> float | None:
+        self._drop_stale_ages()
+        return self._by_age[0][0] if self._by_age else None
+
+    def _drop_stale_ages(self) -> None:
+        while self._by_age and self._fetched_at.get(self._by_age[0][1]) != self._by_age[0][0]:
+            heapq.heappop(self._by_age)
+
+    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+        """Coins listed again (refreshed) since ``cursor``; None when the log no longer reaches back that far."""
+        end = self._relisted_base + len(self._relisted)
+        if cursor < self._relisted_base:
+            return None, end
+        return self._relisted[cursor - self._relisted_base:], end
 
     def exchange_counts(self) -> list[tuple[str, int]]:
         return [(exchange, len(self._exchanges[exchange].runs)) for exchange in sorted(self._exchanges)]
@@ -425,11 +494,26 @@ class Store(ABC):
     """The interface the app and the worker use; every method is thread-safe."""
 
     @abstractmethod
-    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
-        """Number and queue ``coin_ids`` into a new batch or the open batch ``batch_id``.
+    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
+               refresh: bool = False) -> SubmitResult:
+        """Number and queue ``coin_ids`` into a new batch or the open batch ``batch_id``; with
+        ``refresh``, done ones are fetched again.
 
         Raises BatchNotFound or BatchClosed, having changed nothing.
         """
+
+    @abstractmethod
+    def refresh_oldest(self, age: float) -> str | None:
+        """Queue the done coin fetched longest ago, if over ``age`` seconds ago, to be fetched again."""
+
+    @abstractmethod
+    def seconds_until_stale(self, age: float) -> float | None:
+        """How long until the oldest done record is ``age`` seconds old; None when none is done."""
+
+    @abstractmethod
+    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+        """Coins whose listed record changed (a refresh landed) since ``cursor``, and the cursor now;
+        None for the coins when the store cannot tell that far back (drop every cached one)."""
 
     @abstractmethod
     def claim_next(self) -> Claim | None:
@@ -544,11 +628,12 @@ class MemoryStore(Store):
         self._generation += 1
         self._version += 1
 
-    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False) -> SubmitResult:
+    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
+               refresh: bool = False) -> SubmitResult:
         with self._lock:
             batch = self._open_batch(batch_id)
             batch_id = batch.id if batch else new_batch_id()
-            plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins.get)
+            plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins.get, refresh)
             if batch is None:
                 batch = self._batches[plan.result.batch] = _MemoryBatch(plan.result.batch, self._clock())
                 self._tallies.batch_added(batch.id)
@@ -561,6 +646,8 @@ class MemoryStore(Store):
             for coin_id in plan.retried:
                 record = self._set(CoinRecord(coin_id, self._coins[coin_id].task_run, QUEUED))
                 heapq.heappush(self._queue, (record.task_run, coin_id))
+            for coin_id in plan.refreshed:
+                self._queue_refresh(self._coins[coin_id])
             batch.entries.extend(plan.entries)
             self._tallies.entries_added(batch.id, plan.entries, lambda coin_id: self._coins[coin_id].status)
             batch.closed = batch.closed or close
@@ -575,10 +662,30 @@ class MemoryStore(Store):
             self._tallies.coin_added(record.id, record.task_run, record.status)
         else:
             self._tallies.coin_changed(record.id, record.task_run, old.status, record.status)
-        if record.status == DONE:
-            self._tallies.exchanges_listed(record.task_run, record.exchanges or ())
         self._coins[record.id] = record
         return record
+
+    def _queue_refresh(self, record: CoinRecord) -> None:
+        self._set(dataclasses.replace(record, status=QUEUED, refreshing=True, error=None))
+        heapq.heappush(self._queue, (record.task_run, record.id))
+
+    def refresh_oldest(self, age: float) -> str | None:
+        with self._lock:
+            while (run := self._tallies.oldest_listed(self._clock() - age)) is not None:
+                record = self._coins[self._tallies.listed_coin(run)]
+                if record.status == DONE and not record.refreshing:
+                    self._queue_refresh(record)
+                    return record.id
+            return None
+
+    def seconds_until_stale(self, age: float) -> float | None:
+        with self._lock:
+            oldest = self._tallies.oldest_fetched_at()
+            return None if oldest is None else max(0.0, oldest + age - self._clock())
+
+    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+        with self._lock:
+            return self._tallies.relisted_since(cursor)
 
     def exchanges(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -605,7 +712,7 @@ class MemoryStore(Store):
                 task_run, coin_id = heapq.heappop(self._queue)
                 record = self._coins.get(coin_id)
                 if record is not None and record.status == QUEUED and record.task_run == task_run:
-                    self._set(CoinRecord(coin_id, task_run, RUNNING))
+                    self._set(dataclasses.replace(record, status=RUNNING))
                     token = self._claims[coin_id] = next(self._tokens)
                     return Claim(coin_id, task_run, self._generation, token, self._first_pass.get(coin_id))
                 self._stale_in_queue = max(0, self._stale_in_queue - 1)
@@ -631,7 +738,7 @@ class MemoryStore(Store):
             record = self._claimed(claim)
             if record is None:
                 return False
-            self._set(CoinRecord(claim.coin_id, record.task_run, QUEUED))
+            self._set(dataclasses.replace(record, status=QUEUED))
             del self._claims[claim.coin_id]
             self._first_pass[claim.coin_id] = first_pass
             heapq.heappush(self._deferred, (not_before, record.task_run, claim.coin_id))
@@ -662,18 +769,21 @@ class MemoryStore(Store):
             record = self._claimed(claim)
             if record is None:
                 return False
-            self._set(finished_record(claim.coin_id, record.task_run, outcome, self._clock()))
+            finished = self._set(finished_record(record, outcome, self._clock()))
             del self._claims[claim.coin_id]
             self._first_pass.pop(claim.coin_id, None)
             if outcome.status == DONE:
+                self._tallies.list_coin(finished.id, finished.task_run, finished.exchanges, finished.fetched_at)
                 self._version += 1
+            elif finished.refreshing is False and finished.status == DONE:
+                self._tallies.aged(finished.task_run, finished.fetched_at)
             return True
 
     def release(self, claim: Claim) -> None:
         with self._lock:
             record = self._claimed(claim)
             if record is not None:
-                self._set(CoinRecord(claim.coin_id, record.task_run, QUEUED))
+                self._set(dataclasses.replace(record, status=QUEUED))
                 del self._claims[claim.coin_id]
                 heapq.heappush(self._queue, (record.task_run, claim.coin_id))
 
@@ -733,8 +843,12 @@ class MemoryStore(Store):
                 record = self._coins.get(entry.coin_id)
                 if (entry.kind == COIN and record and record.status in (QUEUED, RUNNING)
                         and entry.coin_id not in wanted):
-                    del self._coins[entry.coin_id]
-                    self._tallies.coin_removed(entry.coin_id, record.task_run, record.status)
+                    if record.refreshing:
+                        self._set(dataclasses.replace(record, status=DONE, refreshing=False))
+                        self._tallies.aged(record.task_run, record.fetched_at)
+                    else:
+                        del self._coins[entry.coin_id]
+                        self._tallies.coin_removed(entry.coin_id, record.task_run, record.status)
                     self._claims.pop(entry.coin_id, None)
                     self._first_pass.pop(entry.coin_id, None)
                     cancelled.append(entry.coin_id)

@@ -48,6 +48,7 @@ class Worker:
         concurrency: int = 1,
         pause_seconds: float = 15.0,
         cache_seconds: float = 120.0,
+        refresh_after: float | None = None,
         progress_interval: float = 30.0,
         setup: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -57,6 +58,7 @@ class Worker:
         self.concurrency = concurrency
         self.pause_seconds = pause_seconds
         self.cache_seconds = cache_seconds
+        self.refresh_after = refresh_after
         self._setup = setup
         self._ready = threading.Event()
         self.progress_interval = progress_interval
@@ -163,7 +165,7 @@ class Worker:
                 with self._wake:
                     seen = self._signals
                     self._idle_at[index] = None
-                if not self.process_next():
+                if not self.process_next() and not self.refresh_stale():
                     self._idle_until_signalled(index, seen)
             except Exception:
                 if self._stop.is_set():
@@ -190,7 +192,10 @@ class Worker:
     def _idle_until_signalled(self, index: int, seen: int) -> None:
         """Mark this thread idle and sleep until ``notify`` (or ``stop``) after signal ``seen``,
         or until a deferred coin may be taken."""
-        wait = self.store.seconds_until_ready()
+        waits = [self.store.seconds_until_ready()]
+        if self.refresh_after is not None:
+            waits.append(self.store.seconds_until_stale(self.refresh_after))
+        wait = min((w for w in waits if w is not None), default=None)
         with self._wake:
             self._idle_at[index] = seen
             self._wake.notify_all()
@@ -254,6 +259,18 @@ class Worker:
                      claim.coin_id, len(outcome.exchanges), pages, calls, seconds)
         else:
             log.info("coin %s %s: %s (%d calls, %.1fs)", claim.coin_id, outcome.status, outcome.error, calls, seconds)
+
+    def refresh_stale(self) -> bool:
+        """With ``refresh_after``, queue the oldest done record past that age; True if one was queued.
+
+        Called only when the queue is empty, so new submissions always go first."""
+        if self.refresh_after is None:
+            return False
+        coin_id = self.store.refresh_oldest(self.refresh_after)
+        if coin_id is not None:
+            log.info("coin %s: fetched again, its record being over REFRESH_AFTER (%.0fs) old",
+                     coin_id, self.refresh_after)
+        return coin_id is not None
 
     def _retrieve(self, claim: Claim) -> tuple[Outcome, int]:
         """The outcome of one coin; every error but a pause or a stop is the coin's outcome."""

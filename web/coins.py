@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, jsonify, request
 
 from credits import iso
-from store import DONE, FAILED, INVALID, BatchNotFound, CoinRecord, Store, stored_id
+from store import DONE, BatchNotFound, CoinRecord, Store, stored_id
 from web import ApiError, services
 from web.submission import parse_submission, query_batch
 
@@ -28,7 +28,7 @@ blueprint = Blueprint("coins", __name__)
 def submit_coins():
     submission = parse_submission()
     svc = services()
-    result = svc.store.submit(submission.coin_ids, submission.batch, submission.last)
+    result = svc.store.submit(submission.coin_ids, submission.batch, submission.last, submission.refresh)
     if result.queued:
         svc.worker.notify()
     body = {
@@ -104,15 +104,16 @@ def query_since() -> int:
 
 
 def coin_view(record: CoinRecord) -> dict:
-    view = {"id": record.id, "status": record.status, "taskRun": record.task_run}
-    if record.status == DONE:
+    """A record as ``/coins/<id>`` shows it: a coin being fetched again is done, and ``refreshing``."""
+    view = {"id": record.id, "status": DONE if record.listed else record.status, "taskRun": record.task_run}
+    if record.listed:
         view["exchanges"] = list(record.exchanges or ())
         view["fetchedAt"] = iso(datetime.fromtimestamp(record.fetched_at, UTC)) if record.fetched_at else None
         view["tickers"] = record.tickers
         view["total"] = record.total
         view["complete"] = record.complete
-        view["refreshing"] = False
-    if record.status in (INVALID, FAILED):
+        view["refreshing"] = record.refreshing
+    if record.error is not None:
         view["error"] = record.error
     return view
 
@@ -133,6 +134,7 @@ class CoinListing:
         self._bodies_version: int | None = None
         self._fragments: dict[str, bytes] = {}
         self._fragments_generation: int | None = None
+        self._relisted_cursor = 0
 
     def etag(self, since: int, batch: str | None, fmt: str = "json") -> str:
         return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}-{fmt}"'
@@ -142,6 +144,7 @@ class CoinListing:
         with self._lock:
             self._bodies, self._bodies_version = {}, None
             self._fragments, self._fragments_generation = {}, None
+            self._relisted_cursor = 0
 
     def body(self, since: int, batch: str | None) -> bytes:
         return self._cached(("json", since, batch), lambda: b'{"coins":[' + b",".join(
@@ -191,15 +194,19 @@ class CoinListing:
 
     def _fragments_of(self, generation: int, since: int, batch: str | None, index=None) -> list[bytes]:
         index = self._store.done_index(since, batch) if index is None else index
+        relisted, cursor = self._store.relisted_since(self._relisted_cursor)
         with self._lock:
-            if generation != self._fragments_generation:
+            if generation != self._fragments_generation or relisted is None:
                 self._fragments, self._fragments_generation = {}, generation
+            for coin_id in relisted or ():
+                self._fragments.pop(coin_id, None)
+            self._relisted_cursor = max(self._relisted_cursor, cursor)
             known = self._fragments
             missing = [coin_id for _, coin_id in index if coin_id not in known]
         new = {}
         for coin_id in missing:
             record = self._store.record(coin_id)
-            if record is not None and record.status == DONE:
+            if record is not None and record.listed:
                 new[coin_id] = encode_listed(record)
         still_current = self._store.generation() == generation
         with self._lock:

@@ -427,8 +427,8 @@ class SqliteStore(Store):
             cancelled = conn.execute(
                 "SELECT DISTINCT e.coin_id, c.task_run, c.status, c.refreshing, c.fetched_at FROM batch_entries e"
                 " JOIN coins c ON c.id = e.coin_id"
-                " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND NOT EXISTS ("
-                "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id)"
+                " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND (c.refreshing = 1 OR NOT EXISTS ("
+                "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id))"
                 " ORDER BY c.task_run",
                 (batch_id, COIN, QUEUED, RUNNING),
             ).fetchall()

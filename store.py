@@ -588,7 +588,8 @@ class Store(ABC):
 
     @abstractmethod
     def delete_batch(self, batch_id: str) -> list[str]:
-        """Forget a batch and cancel its queued coins that no other batch refers to.
+        """Forget a batch and cancel its queued or running coins that no other batch refers to, and the
+        refreshes it asked for (those coins stay listed as they were).
 
         Returns the cancelled coins; raises BatchNotFound.
         """
@@ -842,7 +843,7 @@ class MemoryStore(Store):
             for entry in batch.entries:
                 record = self._coins.get(entry.coin_id)
                 if (entry.kind == COIN and record and record.status in (QUEUED, RUNNING)
-                        and entry.coin_id not in wanted):
+                        and (entry.coin_id not in wanted or record.refreshing)):
                     if record.refreshing:
                         self._set(dataclasses.replace(record, status=DONE, refreshing=False))
                         self._tallies.aged(record.task_run, record.fetched_at)

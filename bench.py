@@ -20,11 +20,13 @@ It prints a Markdown table with the targets; medians and ratios, since this mach
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ import requests
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from support import eventually, service  # noqa: E402  (the tests' process helpers)
+from support import eventually, free_port, running, service  # noqa: E402  (the tests' process helpers)
 
 log = logging.getLogger("bench")
 
@@ -115,11 +117,179 @@ def measure_scale(store: str, coins: int, repeat: int, workdir: str) -> dict:
             session.post(f"{svc.url}/coins", json=[ids[0]])
             rebuilt += timed_gets(session, f"{svc.url}/coins", 1)
         size = len(session.get(f"{svc.url}/coins").content)
-        rss = peak_rss_mb(svc.proc.pid)
+        rss = peak_rss_mb(worker_pid(svc.proc.pid))
+        index = measure_index(session, svc.url, ids, repeat, worker_pid(svc.proc.pid))
     return {
         "store": store, "coins": coins, "post_ms": post_ms, "coins_per_s": coins / fill, "size": size,
-        "full": full, "since": since, "not_modified": not_modified, "rebuilt": rebuilt, "rss": rss,
+        "full": full, "since": since, "not_modified": not_modified, "rebuilt": rebuilt, "rss": rss, **index,
     }
+
+
+def worker_pid(master: int) -> int:
+    """The gunicorn worker that holds the store (python app.py is its master)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return int(children[0]) if children else master
+
+
+def measure_index(session: requests.Session, url: str, ids: list[str], repeat: int, pid: int) -> dict:
+    """Issue 14's rows: /exchanges, the largest exchange, the CSV and NDJSON listings, and a refresh."""
+    exchanges = timed_gets(session, f"{url}/exchanges", repeat)
+    largest = max(session.get(f"{url}/exchanges").json()["exchanges"], key=lambda e: e["coins"])
+    exchange = timed_gets(session, f"{url}/exchanges/{largest['id']}", repeat)
+    as_csv = timed_gets(session, f"{url}/coins?format=csv", max(5, repeat // 5))
+    listing = session.get(f"{url}/coins").json()["coins"]
+    rss_json = peak_rss_mb(pid)
+    ndjson = timed_gets(session, f"{url}/coins?format=ndjson", max(5, repeat // 5))
+    rss_ndjson = peak_rss_mb(pid)
+    same = (session.get(f"{url}/coins?format=ndjson").text.splitlines() == [
+        json.dumps(c, separators=(",", ":")) for c in listing])
+    refreshed = ids[: min(1000, len(ids))]
+    batch = session.post(f"{url}/coins?refresh=true&last=true", json=refreshed).json()["batch"]
+    fewest = len(listing)
+    while not session.get(f"{url}/batches/{batch}").json()["complete"]:
+        fewest = min(fewest, len(session.get(f"{url}/coins").json()["coins"]))
+    return {"exchanges": exchanges, "largest": largest, "exchange": exchange, "csv": as_csv, "ndjson": ndjson,
+            "ndjson_rss": rss_ndjson - rss_json, "ndjson_same": same, "listed": len(listing),
+            "fewest_during_refresh": fewest}
+
+
+# -- bench.py --scale N: every endpoint at N records, beside the same-size floor ---------------------
+
+
+def serve_floor(path: str, port: int) -> None:
+    """The floor: a bare Flask route serving the bytes of ``path``, under the service's own server."""
+    from flask import Flask, Response
+
+    from app import Config
+    from server import EmbeddedServer
+
+    body = Path(path).read_bytes()
+    floor = Flask("floor")
+    floor.add_url_rule("/coins", view_func=lambda: Response(body, mimetype="application/json"))
+
+    class Floor(EmbeddedServer):
+        def load(self):
+            return floor
+
+    Floor(Config(port=port)).run()
+
+
+def p50_p95(values: list[float]) -> tuple[float, float]:
+    return percentile(values, .5), percentile(values, .95)
+
+
+def refresh_rate(session: requests.Session, url: str, ids: list[str], poll: bool) -> float:
+    """Coins a second while ``ids`` are fetched again, with or without a 1 Hz poller of four endpoints."""
+    stop = threading.Event()
+
+    def poller(batch: str) -> None:
+        while not stop.wait(1.0):
+            for path in ("/coins", "/batches", f"/batches/{batch}", "/healthz"):
+                requests.get(url + path, timeout=30).content  # noqa: B018
+
+    started = time.perf_counter()
+    batch = session.post(f"{url}/coins?refresh=true&last=true", json=ids).json()["batch"]
+    thread = threading.Thread(target=poller, args=(batch,), daemon=True)
+    if poll:
+        thread.start()
+    wait_for_batch(url, batch, timeout=600)
+    stop.set()
+    return len(ids) / (time.perf_counter() - started)
+
+
+def measure_at_scale(store: str, n: int, workdir: str, repeat: int = 20) -> dict:
+    ids = [f"coin-{i:05d}" for i in range(1, n + 1)]
+    env = {"COINGECKO_RATE_LIMIT": UNLIMITED, "LOG_LEVEL": "WARNING"}
+    if store == "sqlite":
+        env["COINS_DB"] = str(Path(workdir) / f"scale-{n}.db")
+    result: dict = {"store": store, "n": n}
+    with FakeCoinGecko(data=FakeData(coins=n)) as fake, service(fake.url, **env) as svc:
+        url, session = svc.url, requests.Session()
+        pid = worker_pid(svc.proc.pid)
+        started = time.perf_counter()
+        batches = [session.post(f"{url}/coins", json=ids[i:i + 50_000]).json()["batch"] for i in range(0, n, 50_000)]
+        during = {"/healthz": [], "/batches": [], f"/batches/{batches[0]}": []}
+        while session.get(f"{url}/healthz", timeout=30).json()["queue"]:
+            for path, timings in during.items():
+                timings += timed_gets(session, url + path, 1)
+            time.sleep(0.2)
+        for batch in batches:
+            wait_for_batch(url, batch, timeout=600)
+        result["fill_rate"] = n / (time.perf_counter() - started)
+        result["during"] = {path: p50_p95(t) for path, t in during.items() if t}
+        result["rss"] = Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]
+        result["rss"] = int(result["rss"]) / 1024
+        body = session.get(f"{url}/coins").content
+        result["size"] = len(body)
+        at_size = {path: timed_gets(session, url + path, repeat) for path in
+                   ("/healthz", f"/batches/{batches[0]}", "/coins", "/exchanges")}
+        result["at_size"] = {path: p50_p95(t) for path, t in at_size.items()}
+        rebuilt = []
+        for coin in ids[:8]:
+            session.post(f"{url}/coins?refresh=true", json=[coin])
+            eventually(lambda c=coin: not session.get(f"{url}/coins/{c}").json()["refreshing"], 30, coin)
+            rebuilt += timed_gets(session, f"{url}/coins", 1)
+        result["rebuilt"] = p50_p95(rebuilt)
+        posts = []
+        for round_ in range(5):
+            fresh = [f"new{round_}-{i}" for i in range(50_000)]
+            started = time.perf_counter()
+            session.post(f"{url}/coins", json=fresh).raise_for_status()
+            posts.append((time.perf_counter() - started) * 1000)
+        result["post_50k"] = p50_p95(posts)
+        result["rate_alone"] = refresh_rate(session, url, ids[:5_000], poll=False)
+        result["rate_polled"] = refresh_rate(session, url, ids[5_000:10_000], poll=True)
+        for i in range(10_000 - len(session.get(f"{url}/batches").json()["batches"])):
+            session.post(f"{url}/coins", json=[ids[i % n]])
+        result["batches_10k"] = p50_p95(timed_gets(session, f"{url}/batches", 5))
+    result["floor"] = measure_floor(body, repeat)
+    return result
+
+
+def measure_floor(body: bytes, repeat: int) -> tuple[float, float]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as file:
+        file.write(body)
+        file.flush()
+        port = free_port()
+        command = [sys.executable, str(Path(__file__)), "--serve-floor", file.name, "--port", str(port)]
+        with running(command, {}, f"http://127.0.0.1:{port}", "/coins"):
+            session = requests.Session()
+            return p50_p95(timed_gets(session, f"http://127.0.0.1:{port}/coins", repeat))
+
+
+def scale_report(results: list[dict]) -> str:
+    rows = ["| store, records | measure | p50 | p95 | target | |", "|---|---|---|---|---|---|"]
+    for r in results:
+        name = f"{r['store']}, {r['n']:,}"
+        floor_p50 = r["floor"][0]
+        rebuild_ratio = r["rebuilt"][0] / floor_p50
+        rows += [
+            f"| {name} | fill at an unlimited upstream | {r['fill_rate']:.0f} coins/s | | | |",
+            f"| {name} | same-size floor: bare Flask route, same server ({r['size'] / 1e6:.1f} MB) | "
+            f"{floor_p50:.1f} ms | {r['floor'][1]:.1f} ms | | |",
+            f"| {name} | GET /coins right after a change (rebuild) | {r['rebuilt'][0]:.1f} ms | "
+            f"{r['rebuilt'][1]:.1f} ms | ≤ 2× floor ({rebuild_ratio:.2f}×) | {ok(rebuild_ratio <= 2)} |",
+        ]
+        for path, (p50, p95) in r["at_size"].items():
+            target = "< 5 ms" if path in ("/healthz",) or path.startswith("/batches/") else ""
+            verdict = ok(p50 < 5) if target else ""
+            rows.append(f"| {name} | GET {path} at size | {p50:.1f} ms | {p95:.1f} ms | {target} | {verdict} |")
+        for path, (p50, p95) in r["during"].items():
+            rows.append(f"| {name} | GET {path} during the fill | {p50:.1f} ms | {p95:.1f} ms | | |")
+        post_target = 250 if r["store"] == "memory" else 400
+        p50, p95 = r["post_50k"]
+        rows += [
+            f"| {name} | POST of 50,000 IDs | {p50:.0f} ms | {p95:.0f} ms | < {post_target} ms, p95 ≤ 2× p50 | "
+            f"{ok(p50 < post_target and p95 <= 2 * p50)} |",
+            f"| {name} | GET /batches with 10,000 batches | {r['batches_10k'][0]:.0f} ms | {r['batches_10k'][1]:.0f} ms"
+            f" | < 200 ms | {ok(r['batches_10k'][0] < 200)} |",
+            f"| {name} | RSS with {r['n']:,} done records | {r['rss']:.0f} MB | | < 150 MB (memory) | "
+            f"{ok(r['rss'] < 150) if r['store'] == 'memory' else ''} |",
+            f"| {name} | worker with a 1 Hz poller ÷ without (refreshing 5,000 coins) | "
+            f"{r['rate_polled'] / r['rate_alone']:.2f} ({r['rate_polled']:.0f} ÷ {r['rate_alone']:.0f} coins/s) | | "
+            f"≥ 0.9 | {ok(r['rate_polled'] >= 0.9 * r['rate_alone'])} |",
+        ]
+    return "\n".join(rows)
 
 
 def ok(good: bool) -> str:
@@ -157,6 +327,17 @@ def report(pacing: dict, scales: list[dict]) -> str:
             f"p95 {percentile(s['not_modified'], .95):.2f} ms | < 3 ms | "
             f"{ok(percentile(s['not_modified'], .5) < 3)} |",
             f"| {name}: peak RSS | {s['rss']:.0f} MB | < 150 MB | {ok(s['rss'] < 150)} |",
+            f"| {name}: GET /exchanges | p50 {percentile(s['exchanges'], .5):.1f} ms | < 10 ms | "
+            f"{ok(percentile(s['exchanges'], .5) < 10)} |",
+            f"| {name}: GET /exchanges/<id>, the largest ({s['largest']['coins']:,} coins) | "
+            f"p50 {percentile(s['exchange'], .5):.1f} ms | < 10 ms | {ok(percentile(s['exchange'], .5) < 10)} |",
+            f"| {name}: GET /coins?format=csv (all) | p50 {percentile(s['csv'], .5):.0f} ms | < 150 ms | "
+            f"{ok(percentile(s['csv'], .5) < 150)} |",
+            f"| {name}: GET /coins?format=ndjson (all, streamed) | p50 {percentile(s['ndjson'], .5):.0f} ms, "
+            f"peak RSS +{s['ndjson_rss']:.0f} MB over the JSON listing's, lines = JSON records: "
+            f"{s['ndjson_same']} | ≤ +20 MB | {ok(s['ndjson_rss'] <= 20 and s['ndjson_same'])} |",
+            f"| {name}: refresh of 1,000 coins, fewest listed while it ran | {s['fewest_during_refresh']:,} of "
+            f"{s['listed']:,} | none missing | {ok(s['fewest_during_refresh'] == s['listed'])} |",
         ]
     if len(scales) == 2:
         memory, sqlite = scales
@@ -175,8 +356,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=1200, help="calls a minute for the pacing part")
     parser.add_argument("--latency", type=float, default=0.15, help="seconds a fake upstream call takes")
     parser.add_argument("--concurrency", type=int, default=None, help="WORKER_CONCURRENCY (default: 4)")
+    parser.add_argument("--scale", type=int, default=None, metavar="N",
+                        help="instead: every endpoint at N records on each store, beside the same-size floor")
+    parser.add_argument("--serve-floor", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_floor:
+        serve_floor(args.serve_floor, args.port)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    machine = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    if args.scale:
+        with tempfile.TemporaryDirectory() as workdir:
+            results = [measure_at_scale(store, args.scale, workdir) for store in ("memory", "sqlite")]
+        sys.stdout.write(f"\n{scale_report(results)}\n\nMeasured on {machine}, {_cores()} cores.\n")
+        return
     pacing_coins, repeat = (80, 20) if args.quick else (600, 100)
     log.info("pacing: %d coins at %d calls/min, %.0f ms a call", pacing_coins, args.limit, args.latency * 1000)
     pacing = measure_pacing(pacing_coins, args.limit, args.latency, args.concurrency or 4)
@@ -185,7 +379,6 @@ def main(argv: list[str] | None = None) -> None:
         for store in ("memory", "sqlite"):
             log.info("scale: %d coins on the %s store", SCALE_COINS, store)
             scales.append(measure_scale(store, SCALE_COINS, repeat, workdir))
-    machine = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
     sys.stdout.write(f"\n{report(pacing, scales)}\n\nMeasured on {machine}, {_cores()} cores.\n")
 
 

@@ -31,10 +31,10 @@ from store import (
     Claim,
     CoinRecord,
     Outcome,
-    Store,
     StoreError,
     SubmissionPlan,
     SubmitResult,
+    TalliedStore,
     Tallies,
     finished_record,
     new_batch_id,
@@ -99,7 +99,7 @@ ALTER TABLE coins ADD COLUMN refreshing INTEGER NOT NULL DEFAULT 0;
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SqliteStore(Store):
+class SqliteStore(TalliedStore):
     """Everything in one SQLite file, every change in one transaction.
 
     One process owns the file: a second one is refused (an advisory lock on
@@ -298,15 +298,6 @@ class SqliteStore(Store):
                     return record.id
             return None
 
-    def seconds_until_stale(self, age: float) -> float | None:
-        with self._lock:
-            oldest = self._tallies.oldest_fetched_at()
-        return None if oldest is None else max(0.0, oldest + age - self._clock())
-
-    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
-        with self._lock:
-            return self._tallies.relisted_since(cursor)
-
     def release(self, claim: Claim) -> None:
         with self._lock, self._transaction() as conn:
             if claim.generation == self._generation and conn.execute(
@@ -357,14 +348,6 @@ class SqliteStore(Store):
             ).fetchone()
             return row is not None
 
-    def exchanges(self) -> list[tuple[str, int]]:
-        with self._lock:
-            return self._tallies.exchange_counts()
-
-    def exchange(self, exchange_id: str) -> list[str] | None:
-        with self._lock:
-            return self._tallies.exchange_coins(exchange_id)
-
     def has_batch(self, batch_id: str) -> bool:
         with self._lock:
             return self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is not None
@@ -383,22 +366,6 @@ class SqliteStore(Store):
             wanted = {row[0] for row in self._conn.execute(
                 "SELECT coin_id FROM batch_entries WHERE batch_id = ?", (batch_id,))}
             return [(run, coin_id) for run, coin_id in index if coin_id in wanted]
-
-    def generation(self) -> int:
-        with self._lock:
-            return self._generation
-
-    def listing_version(self) -> int:
-        with self._lock:
-            return self._version
-
-    def status_counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._tallies.by_status)
-
-    def queued_up_to(self, task_run: int) -> int:
-        with self._lock:
-            return self._tallies.queued_up_to(task_run)
 
     def _summaries(self, where: str = "", params: tuple = ()) -> list[BatchSummary]:
         summaries = []

@@ -28,6 +28,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from credits import MemoryLedger
+
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, INVALID, FAILED = "queued", "running", "done", "invalid", "failed"
@@ -603,7 +605,50 @@ class Store(ABC):
         """Release what the store holds open."""
 
 
-class MemoryStore(Store):
+class TalliedStore(Store):
+    """What a store that keeps ``Tallies`` answers from them, under its one lock."""
+
+    _lock: threading.Lock
+    _tallies: Tallies
+    _clock: Callable[[], float]
+    _generation: int
+    _version: int
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def listing_version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def status_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._tallies.by_status)
+
+    def queued_up_to(self, task_run: int) -> int:
+        with self._lock:
+            return self._tallies.queued_up_to(task_run)
+
+    def exchanges(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return self._tallies.exchange_counts()
+
+    def exchange(self, exchange_id: str) -> list[str] | None:
+        with self._lock:
+            return self._tallies.exchange_coins(exchange_id)
+
+    def seconds_until_stale(self, age: float) -> float | None:
+        with self._lock:
+            oldest = self._tallies.oldest_fetched_at()
+            return None if oldest is None else max(0.0, oldest + age - self._clock())
+
+    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+        with self._lock:
+            return self._tallies.relisted_since(cursor)
+
+
+class MemoryStore(TalliedStore):
     """Everything in dictionaries under one lock; gone when the process ends."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -612,7 +657,7 @@ class MemoryStore(Store):
         self._generation = 0
         self._version = 0
         self._tokens = itertools.count(1)
-        self._credits: dict[str, int] = {}
+        self._credits = MemoryLedger()
         self._reset()
 
     def _reset(self) -> None:
@@ -679,23 +724,6 @@ class MemoryStore(Store):
                     return record.id
             return None
 
-    def seconds_until_stale(self, age: float) -> float | None:
-        with self._lock:
-            oldest = self._tallies.oldest_fetched_at()
-            return None if oldest is None else max(0.0, oldest + age - self._clock())
-
-    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
-        with self._lock:
-            return self._tallies.relisted_since(cursor)
-
-    def exchanges(self) -> list[tuple[str, int]]:
-        with self._lock:
-            return self._tallies.exchange_counts()
-
-    def exchange(self, exchange_id: str) -> list[str] | None:
-        with self._lock:
-            return self._tallies.exchange_coins(exchange_id)
-
     def _open_batch(self, batch_id: str | None) -> _MemoryBatch | None:
         if batch_id is None:
             return None
@@ -750,12 +778,10 @@ class MemoryStore(Store):
             return max(0.0, self._deferred[0][0] - self._clock()) if self._deferred else None
 
     def credits_used(self, month: str) -> int:
-        with self._lock:
-            return self._credits.get(month, 0)
+        return self._credits.credits_used(month)
 
     def add_credits(self, month: str, count: int) -> None:
-        with self._lock:
-            self._credits[month] = self._credits.get(month, 0) + count
+        self._credits.add_credits(month, count)
 
     def claim_alive(self, claim: Claim) -> bool:
         with self._lock:
@@ -802,22 +828,6 @@ class MemoryStore(Store):
                 raise BatchNotFound(batch_id)
             wanted = {entry.coin_id for entry in batch.entries}
             return [(run, coin_id) for run, coin_id in index if coin_id in wanted]
-
-    def generation(self) -> int:
-        with self._lock:
-            return self._generation
-
-    def listing_version(self) -> int:
-        with self._lock:
-            return self._version
-
-    def status_counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._tallies.by_status)
-
-    def queued_up_to(self, task_run: int) -> int:
-        with self._lock:
-            return self._tallies.queued_up_to(task_run)
 
     def _summary(self, batch: _MemoryBatch) -> BatchSummary:
         counted = self._tallies.batch_counts(batch.id)

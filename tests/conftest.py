@@ -71,3 +71,22 @@ def require(available: bool, reason: str) -> None:
     if os.environ.get(REQUIRE_TOOLS):
         pytest.fail(f"{reason} ({REQUIRE_TOOLS} is set: this run needs it)")
     pytest.skip(reason)
+
+
+class Clock:
+    """A wall clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def clocked_store(request, tmp_path):
+    """Each store on an injected clock: (store, clock)."""
+    clock = Clock()
+    opened = MemoryStore(clock=clock) if request.param == "memory" else SqliteStore(str(tmp_path / "c.db"), clock=clock)
+    yield opened, clock
+    opened.close()

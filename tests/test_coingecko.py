@@ -14,8 +14,7 @@ import responses
 from app import Config
 from coingecko_client import CreditsExhausted, Retrieval, UpstreamUnavailable
 from credits import Credits, MemoryLedger, month_end
-from sqlite_store import SqliteStore
-from store import DONE, QUEUED, MemoryStore
+from store import DONE, QUEUED
 from test_client import API, FakeTime, make_client
 from test_worker import ScriptedClient
 from worker import Worker
@@ -216,12 +215,6 @@ def test_a_key_that_cannot_be_read_keeps_the_defaults(caplog):
 # -- the worker's drift rule, on an injected clock -------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def passes(*retrievals: Retrieval):
@@ -237,14 +230,6 @@ def keys(exchanges: str) -> frozenset:
 def retrieval(exchanges: str, total: int, consistent: bool) -> Retrieval:
     found = keys(exchanges)
     return Retrieval(tuple(sorted({k[0] for k in found})), 2, 2, found, total, consistent)
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def clocked_store(request, tmp_path):
-    clock = Clock()
-    store = MemoryStore(clock=clock) if request.param == "memory" else SqliteStore(str(tmp_path / "c.db"), clock=clock)
-    yield store, clock
-    store.close()
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from conftest import drain, fast_client
-from sqlite_store import SqliteStore
-from store import DONE, QUEUED, MemoryStore, Outcome
+from store import DONE, QUEUED, Outcome
 from worker import Worker
 
 
@@ -79,20 +76,6 @@ def test_deleting_the_refresh_batch_cancels_the_refresh_not_the_record(make_app)
     assert drain(app) == 0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def aged_store(request, tmp_path):
-    clock = Clock()
-    store = MemoryStore(clock=clock) if request.param == "memory" else SqliteStore(str(tmp_path / "c.db"), clock=clock)
-    yield store, clock
-    store.close()
 
 
 def finish_all(store, exchanges=("x",)) -> list[str]:
@@ -103,8 +86,8 @@ def finish_all(store, exchanges=("x",)) -> list[str]:
     return finished
 
 
-def test_refresh_after_takes_the_oldest_record_once_the_queue_is_empty(aged_store, fake):
-    store, clock = aged_store
+def test_refresh_after_takes_the_oldest_record_once_the_queue_is_empty(clocked_store, fake):
+    store, clock = clocked_store
     worker = Worker(store, fast_client(fake.url), refresh_after=60)
     store.submit(["tether"])
     finish_all(store)

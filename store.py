@@ -14,7 +14,6 @@ functions here, so the two stores cannot drift apart.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
 import itertools
 import logging
@@ -27,6 +26,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from credits import MemoryLedger
 
@@ -56,9 +56,11 @@ class BatchClosed(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class CoinRecord:
-    """A coin as the store knows it; ``fetched_at`` to ``complete`` describe a done coin's retrieval."""
+class CoinRecord(NamedTuple):
+    """A coin as the store knows it; ``fetched_at`` to ``complete`` describe a done coin's retrieval.
+
+    A named tuple rather than a dataclass: a POST of 50,000 IDs makes as many, and a tuple is
+    several times cheaper to build than a frozen dataclass."""
 
     id: str
     task_run: int
@@ -121,8 +123,7 @@ class SubmitResult:
     task_runs: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class BatchEntry:
+class BatchEntry(NamedTuple):
     coin_id: str
     task_run: int
     kind: str
@@ -257,7 +258,7 @@ def finished_record(record: CoinRecord, outcome: Outcome, now: float) -> CoinRec
     did not succeed leaves the coin listed as it was, with the error."""
     coin_id, task_run = record.id, record.task_run
     if outcome.status != DONE and record.refreshing:
-        return dataclasses.replace(record, status=DONE, refreshing=False, error=f"refresh failed: {outcome.error}")
+        return record._replace(status=DONE, refreshing=False, error=f"refresh failed: {outcome.error}")
     if outcome.status != DONE:
         return CoinRecord(coin_id, task_run, outcome.status, error=outcome.error)
     return CoinRecord(coin_id, task_run, DONE, outcome.exchanges, None, now, outcome.tickers, outcome.total,
@@ -712,7 +713,7 @@ class MemoryStore(TalliedStore):
         return record
 
     def _queue_refresh(self, record: CoinRecord) -> None:
-        self._set(dataclasses.replace(record, status=QUEUED, refreshing=True, error=None))
+        self._set(record._replace(status=QUEUED, refreshing=True, error=None))
         heapq.heappush(self._queue, (record.task_run, record.id))
 
     def refresh_oldest(self, age: float) -> str | None:
@@ -741,7 +742,7 @@ class MemoryStore(TalliedStore):
                 task_run, coin_id = heapq.heappop(self._queue)
                 record = self._coins.get(coin_id)
                 if record is not None and record.status == QUEUED and record.task_run == task_run:
-                    self._set(dataclasses.replace(record, status=RUNNING))
+                    self._set(record._replace(status=RUNNING))
                     token = self._claims[coin_id] = next(self._tokens)
                     return Claim(coin_id, task_run, self._generation, token, self._first_pass.get(coin_id))
                 self._stale_in_queue = max(0, self._stale_in_queue - 1)
@@ -767,7 +768,7 @@ class MemoryStore(TalliedStore):
             record = self._claimed(claim)
             if record is None:
                 return False
-            self._set(dataclasses.replace(record, status=QUEUED))
+            self._set(record._replace(status=QUEUED))
             del self._claims[claim.coin_id]
             self._first_pass[claim.coin_id] = first_pass
             heapq.heappush(self._deferred, (not_before, record.task_run, claim.coin_id))
@@ -810,7 +811,7 @@ class MemoryStore(TalliedStore):
         with self._lock:
             record = self._claimed(claim)
             if record is not None:
-                self._set(dataclasses.replace(record, status=QUEUED))
+                self._set(record._replace(status=QUEUED))
                 del self._claims[claim.coin_id]
                 heapq.heappush(self._queue, (record.task_run, claim.coin_id))
 
@@ -855,7 +856,7 @@ class MemoryStore(TalliedStore):
                 if (entry.kind == COIN and record and record.status in (QUEUED, RUNNING)
                         and (entry.coin_id not in wanted or record.refreshing)):
                     if record.refreshing:
-                        self._set(dataclasses.replace(record, status=DONE, refreshing=False))
+                        self._set(record._replace(status=DONE, refreshing=False))
                         self._tallies.aged(record.task_run, record.fetched_at)
                     else:
                         del self._coins[entry.coin_id]

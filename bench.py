@@ -101,7 +101,7 @@ def measure_scale(store: str, coins: int, repeat: int, workdir: str) -> dict:
     env = {"COINGECKO_RATE_LIMIT": UNLIMITED, "LOG_LEVEL": "WARNING"}
     if store == "sqlite":
         env["COINS_DB"] = str(Path(workdir) / "bench.db")
-    with FakeCoinGecko(data=FakeData(coins=coins)) as fake, service(fake.url, **env) as svc:
+    with FakeCoinGecko(data=FakeData(coins=coins, hub_every=3)) as fake, service(fake.url, **env) as svc:
         session = requests.Session()
         started = time.perf_counter()
         answer = session.post(f"{svc.url}/coins", json={"coins": ids, "last": True})
@@ -207,7 +207,8 @@ def measure_at_scale(store: str, n: int, workdir: str, repeat: int = 20) -> dict
         url, session = svc.url, requests.Session()
         pid = worker_pid(svc.proc.pid)
         started = time.perf_counter()
-        batches = [session.post(f"{url}/coins", json=ids[i:i + 50_000]).json()["batch"] for i in range(0, n, 50_000)]
+        batches = [session.post(f"{url}/coins", json={"coins": ids[i:i + 50_000], "last": True}).json()["batch"]
+                   for i in range(0, n, 50_000)]
         during = {"/healthz": [], "/batches": [], f"/batches/{batches[0]}": []}
         while session.get(f"{url}/healthz", timeout=30).json()["queue"]:
             for path, timings in during.items():

@@ -53,8 +53,11 @@ SPECIAL_COINS = {
 class FakeData:
     """A deterministic universe of coins: ``coins`` generated ones plus the special ones."""
 
-    def __init__(self, coins: int = 200, extra: dict[str, int] | None = None) -> None:
+    def __init__(self, coins: int = 200, extra: dict[str, int] | None = None, hub_every: int = 0) -> None:
+        """``hub_every=n``: the first ticker of every n-th generated coin is on one exchange, ``hub``, so
+        that one exchange carries thousands of coins (as Binance does)."""
         self.ticker_counts = dict(SPECIAL_COINS) | (extra or {})
+        self.hub_coins = {f"coin-{i:05d}" for i in range(hub_every, coins + 1, hub_every)} if hub_every else set()
         for i in range(1, coins + 1):
             self.ticker_counts[f"coin-{i:05d}"] = _generated_ticker_count(i)
         self._list_body = json.dumps(
@@ -72,7 +75,10 @@ class FakeData:
         offset = int(hashlib.sha256(coin_id.encode()).hexdigest()[:8], 16)
         count = self.ticker_counts[coin_id]
         first, last = (0, count) if page is None else ((page - 1) * PER_PAGE, min(count, page * PER_PAGE))
-        return [_ticker(coin_id, offset, j) for j in range(first, last)]
+        tickers = [_ticker(coin_id, offset, j) for j in range(first, last)]
+        if first == 0 and tickers and coin_id in self.hub_coins:
+            tickers[0]["market"] = {"name": "Hub", "identifier": "hub", "has_trading_incentive": False}
+        return tickers
 
     def exchanges(self, coin_id: str) -> list[str]:
         """The true answer for ``coin_id``: its tickers' unique market identifiers, sorted."""

@@ -89,6 +89,10 @@ def on_starting(server) -> None:
     from app import check_config
 
     check_config()
+    if server.cfg.workers > 1:
+        log.error("cannot start: --workers %d: the queue, the worker and the store live in one process; "
+                  "run gunicorn with --workers 1 (it has threads for concurrent requests)", server.cfg.workers)
+        sys.exit(2)
 
 
 class EmbeddedServer(BaseApplication):

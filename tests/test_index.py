@@ -77,6 +77,14 @@ def test_each_form_has_an_etag_and_a_304(run, path):
     assert http.get(path, headers={"If-None-Match": first.headers["ETag"]}).status_code == 200
 
 
+def test_every_form_of_the_listing_carries_the_same_etag(run):
+    _, http, _ = run
+    etag = http.get("/coins").headers["ETag"]
+    for query in ("?format=csv", "?format=ndjson", "?format=json"):
+        answer = http.get("/coins" + query, headers={"If-None-Match": etag})
+        assert (answer.status_code, answer.headers["ETag"], answer.headers["Vary"]) == (304, etag, "Accept")
+
+
 def test_an_unknown_format_is_400(run):
     _, http, _ = run
     answer = http.get("/coins?format=xml")

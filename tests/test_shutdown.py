@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 
@@ -11,7 +13,7 @@ import pytest
 import requests
 
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from support import eventually, free_port, running, service
+from support import ROOT, eventually, free_port, running, service
 
 
 def stop(process) -> tuple[int, float]:
@@ -61,3 +63,13 @@ def test_sigterm_on_an_idle_service_exits_0_at_once(command):
         status, seconds = stop(svc)
 
     assert (status, seconds < 10) == (0, True), svc.output
+
+
+def test_gunicorn_with_several_workers_is_refused_at_start():
+    """The queue, the worker and the store live in one process: a second worker would be a second queue."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COINGECKO_", "COINS_", "WORKER_"))}
+    env["PORT"] = str(free_port())
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "--workers", "2", "app:create_app()"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "cannot start: --workers 2" in done.stdout + done.stderr

@@ -52,10 +52,10 @@ def list_coins():
     svc = services()
     if batch is not None and not svc.store.has_batch(batch):
         raise BatchNotFound(batch)
-    etag = svc.listing.etag(since, batch, fmt)
+    etag = svc.listing.etag(since, batch)
+    headers = {"ETag": etag, "Vary": "Accept"}
     if request.if_none_match.contains_weak(etag.strip('"')):
-        return Response(status=304, headers={"ETag": etag})
-    headers = {"ETag": etag}
+        return Response(status=304, headers=headers)
     if fmt == "ndjson":
         return Response(svc.listing.stream_ndjson(since, batch), mimetype=FORMATS[fmt], headers=headers)
     body = svc.listing.body(since, batch) if fmt == "json" else svc.listing.csv_body(since, batch)
@@ -136,8 +136,9 @@ class CoinListing:
         self._fragments_generation: int | None = None
         self._relisted_cursor = 0
 
-    def etag(self, since: int, batch: str | None, fmt: str = "json") -> str:
-        return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}-{fmt}"'
+    def etag(self, since: int, batch: str | None, key: str = "") -> str:
+        """One ETag for a version of a listing, whatever its form (JSON, CSV, NDJSON): it names the data."""
+        return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}{key}"'
 
     def clear(self) -> None:
         """Drop every cached body and fragment (after ``DELETE /coins``, so the memory is freed now)."""

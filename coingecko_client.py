@@ -346,7 +346,9 @@ class CoinGeckoClient:
             finally:
                 answered_200 = response is not None and response.status_code == 200
                 self.credits.settle(answered_200)
-                self.successes += answered_200
+                if answered_200:
+                    with self._stats_lock:
+                        self.successes += 1
                 if self.on_call is not None and result is not None:
                     self.on_call(result, elapsed)
 
@@ -449,7 +451,7 @@ class CoinGeckoClient:
                     raise CoinFetchError(
                         f"CoinGecko reports {headers.get('total')} tickers: more than {self.max_pages} pages"
                     )
-            if not tickers or (len(tickers) < PAGE_SIZE if pages_needed is None else page >= pages_needed):
+            if not tickers or _last_page(page, len(tickers), pages_needed, total is not None):
                 consistent = not drifted and (total is None or len(seen) >= total)
                 exchanges = tuple(sorted({identifier for identifier, _, _ in seen}))
                 return Retrieval(exchanges, page, calls, frozenset(seen), total, consistent)
@@ -545,6 +547,14 @@ def _pages_from_headers(headers) -> int | None:
     except ValueError:
         per_page = PAGE_SIZE
     return math.ceil(total / per_page) if per_page > 0 else None
+
+
+def _last_page(page: int, count: int, pages_needed: int | None, from_total: bool) -> bool:
+    """Whether ``page`` is the last: the pages cover ``total``; without it, a page short of 100 (or
+    the ``Link`` header's last page, if that comes first) ends the coin."""
+    if pages_needed is not None and page >= pages_needed:
+        return True
+    return not (from_total and pages_needed is not None) and count < PAGE_SIZE
 
 
 def _cloudflare_code(response: requests.Response) -> int | None:

@@ -492,6 +492,10 @@ class Tallies:
     def done_index(self, since: int = 0) -> list[tuple[int, str]]:
         return [(run, self._done_coin[run]) for run in self._done.after(since)]
 
+    def latest_listed(self, count: int) -> list[str]:
+        """The ``count`` listed coins with the highest taskRuns, highest first."""
+        return [self._done_coin[run] for run in reversed(self._done.runs[-count:])]
+
 
 class Store(ABC):
     """The interface the app and the worker use; every method is thread-safe."""
@@ -567,6 +571,10 @@ class Store(ABC):
     @abstractmethod
     def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
         """(taskRun, coin) of the done coins with taskRun > ``since``, sorted. Raises BatchNotFound."""
+
+    @abstractmethod
+    def latest_listed(self, count: int) -> list[str]:
+        """The ``count`` listed coins with the highest taskRuns, highest first (for the status page)."""
 
     @abstractmethod
     def generation(self) -> int:
@@ -647,6 +655,10 @@ class TalliedStore(Store):
     def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
         with self._lock:
             return self._tallies.relisted_since(cursor)
+
+    def latest_listed(self, count: int) -> list[str]:
+        with self._lock:
+            return self._tallies.latest_listed(count)
 
 
 class MemoryStore(TalliedStore):

@@ -296,8 +296,7 @@ class Worker:
         if first is None:
             if not retrieval.consistent:
                 raise _Drifted(retrieval)
-            tickers = len(retrieval.tickers) if retrieval.tickers else len(retrieval.exchanges)
-            return Outcome.done(retrieval.exchanges, tickers, retrieval.total, True)
+            return Outcome.done(retrieval.exchanges, len(retrieval.tickers), retrieval.total, True)
         union = first | retrieval.tickers
         complete = retrieval.consistent or retrieval.tickers == first
         return Outcome.done({identifier for identifier, _, _ in union}, len(union), retrieval.total, complete)

@@ -121,6 +121,17 @@ def test_the_link_header_gives_the_pages_when_total_is_missing(fake_time):
 
 
 @responses.activate
+def test_without_total_the_first_short_page_ends_the_coin_whatever_link_says(fake_time):
+    client = make_client(fake_time)
+    link = f'<{API}/coins/bitcoin/tickers?page=3>; rel="last"'
+    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(100)}, headers={"link": link})
+    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(40, 100)}, headers={"link": link})
+    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(10, 140)}, headers={"link": link})
+
+    assert (client.fetch_exchanges("bitcoin").pages, len(responses.calls)) == (2, 2)
+
+
+@responses.activate
 def test_a_ticker_on_two_pages_is_drift(fake_time):
     client = make_client(fake_time)
     headers = {"total": "150", "per-page": "100"}

@@ -103,7 +103,8 @@ def test_coins_db_that_cannot_be_created_is_a_clear_refusal(tmp_path, where):
     assert "cannot start: cannot open COINS_DB" in output and "Traceback" not in output
 
 
-def test_memory_path_leaves_no_lock_file(tmp_path):
+def test_memory_path_leaves_no_lock_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     store = SqliteStore(":memory:")
     store.submit(["a"])
     store.close()

@@ -343,3 +343,10 @@ def test_kept_counts_agree_with_a_recount_after_every_change(tmp_path):
         assert answers[0] == answers[1], (step, action)
     for store in stores:
         store.close()
+
+
+def test_latest_listed_coins_come_highest_taskrun_first(store):
+    store.submit(["a", "b", "c", "d"])
+    run_all(store)
+    assert store.latest_listed(2) == ["d", "c"]
+    assert store.latest_listed(10) == ["d", "c", "b", "a"]

@@ -12,6 +12,11 @@ from store import DONE, FAILED, INVALID, QUEUED, MemoryStore
 from worker import Worker
 
 
+def scripted(exchanges) -> Retrieval:
+    """A one-page retrieval of one ticker on each of ``exchanges``."""
+    return Retrieval(tuple(exchanges), 1, 1, frozenset((exchange, "X", "USD") for exchange in exchanges))
+
+
 class ScriptedClient(CoinGeckoClient):
     """A client whose answers per coin are scripted: an exception to raise, or exchanges."""
 
@@ -32,7 +37,7 @@ class ScriptedClient(CoinGeckoClient):
             raise answer
         if callable(answer):
             return answer()
-        return Retrieval(tuple(answer), 1, 1)
+        return scripted(answer)
 
 
 class Gate:
@@ -45,7 +50,7 @@ class Gate:
     def __call__(self) -> Retrieval:
         self.entered.set()
         self.release.wait(5.0)
-        return Retrieval(self.exchanges, 1, 1)
+        return scripted(self.exchanges)
 
 
 def make_worker(script, listed=None, **kwargs):
@@ -133,7 +138,7 @@ def test_threads_pause_then_resume_on_their_own():
         calls["n"] += 1
         if calls["n"] == 1:
             raise UpstreamUnavailable("HTTP 401")
-        return Retrieval(("ex",), 1, 1)
+        return scripted(("ex",))
 
     store, client, worker = make_worker({"a": unauthorised_once}, pause_seconds=0.2, concurrency=2)
     store.submit(["a", "b", "c"])

@@ -122,8 +122,9 @@ class CoinListing:
     """Encoded ``GET /coins`` bodies, for polls that cost little however large the listing.
 
     A body is kept until the store's listing changes. Then it is joined again from each
-    record's encoded fragment, and only records not seen before are encoded: a done record
-    never changes until the store is cleared (a new generation), which drops the fragments.
+    record's encoded fragment (one per form: JSON and CSV), and only records not seen before
+    are encoded: a listed record changes only when a refresh lands (the store says which,
+    ``relisted_since``) or the store is cleared (a new generation, which drops them all).
     """
 
     def __init__(self, store: Store) -> None:
@@ -132,7 +133,7 @@ class CoinListing:
         self._instance = os.urandom(4).hex()
         self._bodies: dict[tuple, bytes] = {}
         self._bodies_version: int | None = None
-        self._fragments: dict[str, bytes] = {}
+        self._fragments: dict[str, dict[str, bytes]] = {form: {} for form in ENCODERS}
         self._fragments_generation: int | None = None
         self._relisted_cursor = 0
 
@@ -144,7 +145,7 @@ class CoinListing:
         """Drop every cached body and fragment (after ``DELETE /coins``, so the memory is freed now)."""
         with self._lock:
             self._bodies, self._bodies_version = {}, None
-            self._fragments, self._fragments_generation = {}, None
+            self._fragments, self._fragments_generation = {form: {} for form in ENCODERS}, None
             self._relisted_cursor = 0
 
     def body(self, since: int, batch: str | None) -> bytes:
@@ -153,15 +154,8 @@ class CoinListing:
 
     def csv_body(self, since: int, batch: str | None) -> bytes:
         """``id,taskRun,exchange``: a row per coin and exchange (one with the exchange empty for none)."""
-        def build() -> bytes:
-            index = self._store.done_index(since, batch)
-            rows = [CSV_HEADER]
-            for fragment in self._fragments_of(self._store.generation(), since, batch, index):
-                listed = json.loads(fragment)
-                rows.append(csv_rows(listed["id"], listed["taskRun"], listed["exchanges"]))
-            return b"".join(rows)
-
-        return self._cached(("csv", since, batch), build)
+        return self._cached(("csv", since, batch), lambda: CSV_HEADER + b"".join(
+            self._fragments_of(self._store.generation(), since, batch, "csv")))
 
     def stream_ndjson(self, since: int, batch: str | None):
         """One record a line, in chunks of about 64 KB: the listing is never held whole a second time."""
@@ -193,39 +187,45 @@ class CoinListing:
                 self._bodies[key] = body
         return body
 
-    def _fragments_of(self, generation: int, since: int, batch: str | None, index=None) -> list[bytes]:
-        index = self._store.done_index(since, batch) if index is None else index
+    def _fragments_of(self, generation: int, since: int, batch: str | None, form: str = "json") -> list[bytes]:
+        index = self._store.done_index(since, batch)
         relisted, cursor = self._store.relisted_since(self._relisted_cursor)
         with self._lock:
             if generation != self._fragments_generation or relisted is None:
-                self._fragments, self._fragments_generation = {}, generation
-            for coin_id in relisted or ():
-                self._fragments.pop(coin_id, None)
+                self._fragments = {name: {} for name in ENCODERS}
+                self._fragments_generation = generation
+            for cached in self._fragments.values():
+                for coin_id in relisted or ():
+                    cached.pop(coin_id, None)
             self._relisted_cursor = max(self._relisted_cursor, cursor)
-            known = self._fragments
+            known = self._fragments[form]
             missing = [coin_id for _, coin_id in index if coin_id not in known]
-        new = {}
+        encode, new = ENCODERS[form], {}
         for coin_id in missing:
             record = self._store.record(coin_id)
             if record is not None and record.listed:
-                new[coin_id] = encode_listed(record)
+                new[coin_id] = encode(record)
         still_current = self._store.generation() == generation
         with self._lock:
             if still_current and self._fragments_generation == generation:
-                self._fragments.update(new)
+                self._fragments[form].update(new)
         return [fragment for _, coin_id in index if (fragment := known.get(coin_id) or new.get(coin_id))]
 
 
 CSV_HEADER = b"id,taskRun,exchange\r\n"
 
 
-def csv_rows(coin_id: str, task_run: int, exchanges: list[str]) -> bytes:
+def encode_csv(record: CoinRecord) -> bytes:
+    """A listed record's CSV rows: one per exchange, or one with the exchange empty."""
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerows([(coin_id, task_run, exchange) for exchange in exchanges] or [(coin_id, task_run, "")])
+    rows = [(record.id, record.task_run, exchange) for exchange in record.exchanges or ()]
+    csv.writer(out).writerows(rows or [(record.id, record.task_run, "")])
     return out.getvalue().encode()
 
 
 def encode_listed(record: CoinRecord) -> bytes:
     listed = {"exchanges": list(record.exchanges or ()), "id": record.id, "taskRun": record.task_run}
     return json.dumps(listed, separators=(",", ":")).encode()
+
+
+ENCODERS = {"json": encode_listed, "csv": encode_csv}

@@ -23,7 +23,7 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 def status_page():
     svc = services()
     batches = [batch_view(summary, svc) for summary in svc.store.batches()]
-    latest = [svc.store.record(coin_id) for _, coin_id in svc.store.done_index()[-LATEST:]][::-1]
+    latest = [svc.store.record(coin_id) for coin_id in svc.store.latest_listed(LATEST)]
     return render_template(
         "status.html",
         batches=batches,

@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 from flask import Flask
 
 from coingecko_client import PLANS, CoinGeckoClient
-from credits import Credits, Ledger
-from store import Store, StoreError, open_store
+from store import MemoryStore, Store, StoreError, is_postgres_url, open_store
 from web import Services, register_web
 from worker import Worker
 
@@ -61,6 +60,7 @@ class Config:
     monthly_credits: int | None = None
     rate_limit_given: bool = False
     refresh_after: float | None = None
+    lease_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -100,14 +100,34 @@ class Config:
             monthly_credits=_number(env, "COINGECKO_MONTHLY_CREDITS", int, None, 0, 10**12),
             rate_limit_given=text("COINGECKO_RATE_LIMIT") is not None,
             refresh_after=_duration("REFRESH_AFTER", text("REFRESH_AFTER")),
+            lease_seconds=_number(env, "COINS_LEASE_SECONDS", float, cls.lease_seconds, 1, 3600),
         )
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(secret for secret in (self.api_key, self.api_token) if secret)
+        """What no log line may show: the key, the token and a database password."""
+        password = None
+        if is_postgres_url(self.db_path):
+            from postgres_store import url_password
 
-    def make_client(self, ledger: Ledger | None = None) -> CoinGeckoClient:
-        """The upstream client; its credits are counted in ``ledger`` (the store) when given."""
+            password = url_password(self.db_path)
+        return tuple(secret for secret in (self.api_key, self.api_token, password) if secret)
+
+    @property
+    def store_name(self) -> str:
+        """The store as a log line may name it: a PostgreSQL URL without its password."""
+        if is_postgres_url(self.db_path):
+            from postgres_store import display_url
+
+            return display_url(self.db_path)
+        return self.db_path or "in memory"
+
+    def open_store(self, lock_wait: float = 0.0) -> Store:
+        return open_store(self.db_path, lock_wait=lock_wait, lease_seconds=self.lease_seconds)
+
+    def make_client(self, store: Store | None = None) -> CoinGeckoClient:
+        """The upstream client; its credits (and, on a shared store, its call slots) are kept in ``store``."""
+        store = store or MemoryStore()
         return CoinGeckoClient(
             self.api_url,
             api_key=self.api_key,
@@ -116,7 +136,8 @@ class Config:
             timeout=self.timeout,
             max_attempts=self.max_attempts,
             concurrency=self.concurrency,
-            credits=Credits(self.monthly_credits, ledger),
+            credits=store.credits(self.monthly_credits),
+            slots=store.call_slots(),
         )
 
     def adopt_key(self, client: CoinGeckoClient) -> None:
@@ -228,7 +249,7 @@ def check_config(env: Mapping[str, str] | None = None) -> Config:
     try:
         config = Config.from_env(env)
         configure_logging(config)
-        open_store(config.db_path, lock_wait=START_LOCK_WAIT).close()
+        config.open_store(lock_wait=START_LOCK_WAIT).close()
     except (ConfigError, StoreError) as exc:
         logging.basicConfig(format=LOG_FORMAT)
         log.error("cannot start: %s", exc)
@@ -247,9 +268,9 @@ def create_app(
     """Build the service; pass ``store``, ``client`` or ``worker`` to use your own."""
     config = config or Config.from_env()
     configure_logging(config)
-    store = store or open_store(config.db_path, lock_wait=RELOAD_LOCK_WAIT)
+    store = store or config.open_store(lock_wait=RELOAD_LOCK_WAIT)
     if worker is None:
-        client = client or config.make_client(ledger=store)
+        client = client or config.make_client(store)
         worker = Worker(
             store,
             client,
@@ -267,7 +288,7 @@ def create_app(
         worker.notify()
     log.info(
         "coin retriever: plan %s, %s calls/min, %d thread(s), store %s",
-        config.plan, f"{config.rate_limit:g}", worker.concurrency, config.db_path or "in memory",
+        config.plan, f"{config.rate_limit:g}", worker.concurrency, config.store_name,
     )
     if config.api_token is None and not _is_loopback(config.host):
         log.warning("listening on %s without COINS_API_TOKEN: anyone who can reach it may POST and DELETE",

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -116,12 +117,57 @@ class Retrieval:
     consistent: bool = True
 
 
+class SlotBook(Protocol):
+    """Where call slots are handed out: this process's memory, or a row every process shares.
+
+    Times are in the book's own clock; a caller only ever subtracts two of them.
+    """
+
+    def take(self, interval: float) -> tuple[float, float, int]:
+        """The next free slot (pushed past any pause), the time now, and the pauses so far; the slot
+        after it is ``interval`` later."""
+
+    def pause(self, seconds: float) -> None:
+        """Push every slot not yet used ``seconds`` past now."""
+
+    def pause_state(self) -> tuple[float, float, int]:
+        """(now, paused until, pauses so far)."""
+
+
+class LocalSlots:
+    """The slots of one process, under one lock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._next_slot = -math.inf
+        self._paused_until = -math.inf
+        self._pauses = 0
+
+    def take(self, interval: float) -> tuple[float, float, int]:
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next_slot, self._paused_until)
+            self._next_slot = slot + interval
+            return slot, now, self._pauses
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
+            self._pauses += 1
+
+    def pause_state(self) -> tuple[float, float, int]:
+        with self._lock:
+            return self._clock(), self._paused_until, self._pauses
+
+
 class RateLimiter:
     """Hands out call slots spaced evenly, at most ``per_minute`` in any 60 s window.
 
     The first call goes at once and each later one a full interval after the one
     before, so there is never a burst. ``pause`` pushes every slot not yet used
-    past a deadline (a 429's Retry-After).
+    past a deadline (a 429's Retry-After). The slots come from a ``SlotBook``: this
+    process's own, or one that several processes share (PostgreSQL).
     """
 
     def __init__(
@@ -129,14 +175,11 @@ class RateLimiter:
         per_minute: float,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        slots: SlotBook | None = None,
     ) -> None:
         self.set_rate(per_minute)
-        self._clock = clock
         self._sleep = sleep
-        self._lock = threading.Lock()
-        self._next_slot = -math.inf
-        self._paused_until = -math.inf
-        self._pauses = 0
+        self._slots = slots or LocalSlots(clock)
 
     def set_rate(self, per_minute: float) -> None:
         if per_minute <= 0:
@@ -147,25 +190,19 @@ class RateLimiter:
     def acquire(self) -> None:
         """Wait for this caller's slot; take a new one if a pause began meanwhile."""
         while True:
-            with self._lock:
-                now = self._clock()
-                slot = max(now, self._next_slot, self._paused_until)
-                self._next_slot = slot + self.interval
-                pauses = self._pauses
+            slot, now, pauses = self._slots.take(self.interval)
             if slot > now:
                 self._sleep(slot - now)
-            with self._lock:
-                if self._pauses == pauses or self._paused_until <= slot:
-                    return
+            _, paused_until, pauses_now = self._slots.pause_state()
+            if pauses_now == pauses or paused_until <= slot:
+                return
 
     def paused(self) -> bool:
-        with self._lock:
-            return self._clock() < self._paused_until
+        now, paused_until, _ = self._slots.pause_state()
+        return now < paused_until
 
     def pause(self, seconds: float) -> None:
-        with self._lock:
-            self._paused_until = max(self._paused_until, self._clock() + seconds)
-            self._pauses += 1
+        self._slots.pause(seconds)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -210,6 +247,7 @@ class CoinGeckoClient:
         list_ttl: float = COINS_LIST_TTL,
         concurrency: int = 1,
         credits: Credits | None = None,
+        slots: SlotBook | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
@@ -226,7 +264,7 @@ class CoinGeckoClient:
         self._clock = clock
         self._sleep = sleep or self._interruptible_sleep
         self._rng = rng or random.Random()
-        self.limiter = RateLimiter(rate_limit, clock=clock, sleep=self._sleep)
+        self.limiter = RateLimiter(rate_limit, clock=clock, sleep=self._sleep, slots=slots)
         self.rate_limit_backoff = rate_limit_backoff or max(1.0, 2 * self.limiter.interval)
         self.credits = credits or Credits()
         self.on_call: Callable[[str, float], None] | None = None

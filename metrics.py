@@ -30,18 +30,21 @@ class Metrics:
         self.registry = CollectorRegistry()
         multiprocess = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if multiprocess:
+            # Every process writes its counters to files there; the scrape sums the files, so the
+            # counters are not registered here too (this process's would be counted twice).
             MultiProcessCollector(self.registry, path=multiprocess)
+        own = None if multiprocess else self.registry
         self.upstream_requests = Counter(
             "coin_retriever_upstream_requests", "Upstream (CoinGecko) calls by result.", ["result"],
-            registry=self.registry,
+            registry=own,
         )
         self.upstream_seconds = Histogram(
             "coin_retriever_upstream_request_duration_seconds", "Upstream call duration.",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=own,
         )
         self.http_requests = Counter(
             "coin_retriever_http_requests", "HTTP requests served, by method, route and status.",
-            ["method", "route", "status"], registry=self.registry,
+            ["method", "route", "status"], registry=own,
         )
         for result in UPSTREAM_RESULTS:
             self.upstream_requests.labels(result)

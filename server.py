@@ -20,10 +20,13 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
+
+from store import is_postgres_url
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +88,31 @@ def post_fork(server, worker) -> None:
 
 
 def on_starting(server) -> None:
-    """gunicorn hook, in the master before any worker: refuse settings that cannot work (exit 2)."""
+    """gunicorn hook, in the master before any worker: refuse settings that cannot work (exit 2).
+
+    Several workers need a store they can share (PostgreSQL), and prometheus_client's
+    multiprocess mode for ``/metrics``; its directory is set here, before the app (and with it
+    prometheus_client) is imported, unless ``PROMETHEUS_MULTIPROC_DIR`` names one already.
+    """
+    if server.cfg.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="coin-retriever-metrics-")
     from app import check_config
 
-    check_config()
-    if server.cfg.workers > 1:
-        log.error("cannot start: --workers %d: the queue, the worker and the store live in one process; "
-                  "run gunicorn with --workers 1 (it has threads for concurrent requests)", server.cfg.workers)
+    config = check_config()
+    if server.cfg.workers > 1 and not is_postgres_url(config.db_path):
+        log.error("cannot start: --workers %d: with the %s store the queue, the worker and the store live in one "
+                  "process; run gunicorn with --workers 1 (it has threads for concurrent requests), or set "
+                  "COINS_DB to a postgresql:// URL to share one queue between processes",
+                  server.cfg.workers, "SQLite" if config.db_path else "in-memory")
         sys.exit(2)
+
+
+def child_exit(server, worker) -> None:
+    """gunicorn hook, in the master: a worker ended; its live gauges leave the multiprocess metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
 
 
 class EmbeddedServer(BaseApplication):
@@ -114,7 +134,7 @@ class EmbeddedServer(BaseApplication):
         return create_app(self.service_config)
 
 
-SETTINGS.update(post_fork=post_fork, worker_exit=worker_exit)
+SETTINGS.update(post_fork=post_fork, worker_exit=worker_exit, child_exit=child_exit)
 
 
 def serve(config) -> None:

@@ -1,14 +1,16 @@
 """The record store: coins, their batches, the taskRun counter and the queue.
 
-Two implementations share one interface and one set of rules:
+Three implementations share one interface and one set of rules:
 
 * ``MemoryStore`` keeps everything in dictionaries (the default);
-* ``SqliteStore`` keeps everything in an SQLite file (``COINS_DB``), so that a
-  restart, a ``kill -9`` included, resumes the queue and keeps every record.
+* ``SqliteStore`` (``sqlite_store.py``) keeps everything in an SQLite file (``COINS_DB``), so
+  that a restart, a ``kill -9`` included, resumes the queue and keeps every record;
+* ``PostgresStore`` (``postgres_store.py``) keeps it in PostgreSQL, where several processes
+  share one queue, one taskRun counter, one rate limit and one credit count.
 
 The rules that decide what a submission does (taskRun numbering, duplicates,
 malformed IDs, retrying failed coins) and how a batch is counted are plain
-functions here, so the two stores cannot drift apart.
+functions here, so the stores cannot drift apart.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from credits import MemoryLedger
+from credits import Credits, MemoryLedger
+
+if TYPE_CHECKING:
+    from coingecko_client import SlotBook
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +173,18 @@ def shown_id(coin_id: str) -> str:
 
 
 def stored_id(coin_id: str) -> str:
-    """The key a malformed ID is recorded under: shortened, and with lone surrogates escaped.
+    """The key a malformed ID is recorded under: shortened, with lone surrogates and NUL escaped.
 
-    A lone surrogate (JSON allows ``"\\ud800"``) cannot be written as UTF-8, so every
-    store keeps it as its escape; a valid ID is returned unchanged.
+    Neither a lone surrogate (JSON allows ``"\\ud800"``) nor NUL can be written to every
+    database (UTF-8 has no surrogates; PostgreSQL's text has no NUL), so every store keeps
+    them as their escapes; a valid ID is returned unchanged.
     """
     shown = shown_id(coin_id)
     try:
         shown.encode("utf-8")
     except UnicodeEncodeError:
-        return shown.encode("utf-8", "backslashreplace").decode("utf-8")
-    return shown
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
+    return shown.replace("\x00", "\\x00") if "\x00" in shown else shown
 
 
 @dataclass
@@ -613,6 +619,30 @@ class Store(ABC):
     def close(self) -> None:
         """Release what the store holds open."""
 
+    # What most stores answer alike; a shared store (PostgreSQL) answers differently.
+
+    shared = False
+    """Whether several processes may use this store at once (each with its own worker)."""
+
+    def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
+        """The records of ``coin_ids`` that exist, in no particular order."""
+        return [record for coin_id in coin_ids if (record := self.record(coin_id)) is not None]
+
+    def listing_scope(self) -> str:
+        """What makes ``listing_version`` unique beyond this store's life: the ETags of two stores (or of
+        one store before and after a restart) must never collide."""
+        if not hasattr(self, "_scope"):
+            self._scope = os.urandom(4).hex()
+        return self._scope
+
+    def credits(self, limit: int | None) -> Credits:
+        """The monthly credits the client spends, counted in this store."""
+        return Credits(limit, ledger=self)
+
+    def call_slots(self) -> SlotBook | None:
+        """Where the client takes its call slots, if several processes must share them; None: its own."""
+        return None
+
 
 class TalliedStore(Store):
     """What a store that keeps ``Tallies`` answers from them, under its one lock."""
@@ -800,6 +830,10 @@ class MemoryStore(TalliedStore):
         with self._lock:
             return self._claimed(claim) is not None
 
+    def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
+        with self._lock:
+            return [self._coins[coin_id] for coin_id in coin_ids if coin_id in self._coins]
+
     def has_batch(self, batch_id: str) -> bool:
         with self._lock:
             return batch_id in self._batches
@@ -911,10 +945,19 @@ class _MemoryBatch:
     entries: list[BatchEntry] = field(default_factory=list)
 
 
-def open_store(db_path: str | None, lock_wait: float = 0.0) -> Store:
-    """The store the configuration asks for: SQLite at ``db_path``, else in memory."""
+def is_postgres_url(db: str | None) -> bool:
+    return bool(db) and db.split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def open_store(db_path: str | None, lock_wait: float = 0.0, lease_seconds: float = 30.0) -> Store:
+    """The store the configuration asks for: PostgreSQL at a ``postgresql://`` URL, SQLite at a path,
+    else in memory."""
     if not db_path:
         return MemoryStore()
+    if is_postgres_url(db_path):
+        from postgres_store import PostgresStore
+
+        return PostgresStore(db_path, lease_seconds=lease_seconds)
     from sqlite_store import SqliteStore
 
     return SqliteStore(db_path, lock_wait=lock_wait)

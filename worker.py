@@ -29,6 +29,8 @@ from store import DONE, FAILED, Claim, Outcome, Store
 log = logging.getLogger(__name__)
 
 MAX_PAUSE_SECONDS = 300.0
+# On a store other processes fill too (PostgreSQL), an idle thread looks at the queue this often.
+SHARED_QUEUE_POLL = 1.0
 
 
 class _Drifted(Exception):
@@ -191,8 +193,10 @@ class Worker:
 
     def _idle_until_signalled(self, index: int, seen: int) -> None:
         """Mark this thread idle and sleep until ``notify`` (or ``stop``) after signal ``seen``,
-        or until a deferred coin may be taken."""
+        or until a deferred coin may be taken, or (on a shared store) until it is time to look again."""
         waits = [self.store.seconds_until_ready()]
+        if self.store.shared:
+            waits.append(SHARED_QUEUE_POLL)
         if self.refresh_after is not None:
             waits.append(self.store.seconds_until_stale(self.refresh_after))
         wait = min((w for w in waits if w is not None), default=None)

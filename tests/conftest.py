@@ -6,9 +6,11 @@ import os
 
 import pytest
 
+import postgres_server as postgres_server_module
 from app import Config, create_app
 from coingecko_client import CoinGeckoClient
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
+from postgres_store import PostgresStore
 from sqlite_store import SqliteStore
 from store import MemoryStore
 from worker import Worker
@@ -28,9 +30,38 @@ def fake():
         yield server
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+STORES = ["memory", "sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server's URL for the whole run (see ``postgres_server.py``)."""
+    reason = postgres_server_module.unavailable_reason()
+    require(reason is None, reason or "")
+    with postgres_server_module.throwaway_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """The server, emptied of the service's schema: a store opened on it starts from nothing."""
+    postgres_server_module.reset(postgres_server)
+    return postgres_server
+
+
+def open_test_store(kind: str, request, tmp_path, clock=None):
+    """A new, empty store of ``kind``."""
+    timing = {} if clock is None else {"clock": clock}
+    if kind == "memory":
+        return MemoryStore(**timing)
+    if kind == "sqlite":
+        return SqliteStore(str(tmp_path / "coins.db"), **timing)
+    return PostgresStore(request.getfixturevalue("postgres_url"), lease_seconds=30, **timing)
+
+
+@pytest.fixture(params=STORES)
 def store(request, tmp_path):
-    opened = MemoryStore() if request.param == "memory" else SqliteStore(str(tmp_path / "coins.db"))
+    opened = open_test_store(request.param, request, tmp_path)
     yield opened
     opened.close()
 
@@ -83,10 +114,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORES)
 def clocked_store(request, tmp_path):
     """Each store on an injected clock: (store, clock)."""
     clock = Clock()
-    opened = MemoryStore(clock=clock) if request.param == "memory" else SqliteStore(str(tmp_path / "c.db"), clock=clock)
+    opened = open_test_store(request.param, request, tmp_path, clock)
     yield opened, clock
     opened.close()

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import logging
-import os
 import threading
 from datetime import UTC, datetime
 
@@ -130,7 +129,6 @@ class CoinListing:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()
-        self._instance = os.urandom(4).hex()
         self._bodies: dict[tuple, bytes] = {}
         self._bodies_version: int | None = None
         self._fragments: dict[str, dict[str, bytes]] = {form: {} for form in ENCODERS}
@@ -139,7 +137,7 @@ class CoinListing:
 
     def etag(self, since: int, batch: str | None, key: str = "") -> str:
         """One ETag for a version of a listing, whatever its form (JSON, CSV, NDJSON): it names the data."""
-        return f'"{self._instance}-{self._store.listing_version()}-{since}-{batch or ""}{key}"'
+        return f'"{self._store.listing_scope()}-{self._store.listing_version()}-{since}-{batch or ""}{key}"'
 
     def clear(self) -> None:
         """Drop every cached body and fragment (after ``DELETE /coins``, so the memory is freed now)."""
@@ -201,10 +199,9 @@ class CoinListing:
             known = self._fragments[form]
             missing = [coin_id for _, coin_id in index if coin_id not in known]
         encode, new = ENCODERS[form], {}
-        for coin_id in missing:
-            record = self._store.record(coin_id)
-            if record is not None and record.listed:
-                new[coin_id] = encode(record)
+        for record in self._store.records(missing):
+            if record.listed:
+                new[record.id] = encode(record)
         still_current = self._store.generation() == generation
         with self._lock:
             if still_current and self._fragments_generation == generation:

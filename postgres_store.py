@@ -1,0 +1,655 @@
+"""The PostgreSQL store: one queue, one taskRun counter, one rate limit and one credit count for
+every process on the database (``COINS_DB=postgresql://...``).
+
+What keeps several processes to the contract together:
+
+* the queue: a coin is claimed with ``FOR UPDATE SKIP LOCKED`` under a lease that a thread of
+  the claiming process renews while it holds the coin; a coin whose lease ran out (its process
+  died) is claimed again; an outcome lands only under the claim's own token;
+* submissions, batch deletions, clearing and finished coins take the one ``state`` row first,
+  so taskRun numbers are contiguous and the listing's version and its log of re-listed coins
+  follow the order of commits;
+* the status counts are kept by a trigger, in the same transaction as the change;
+* call slots, 429 pauses and credits are rows that every process takes from atomically
+  (``PostgresSlots``, ``SharedCredits``), timed by the database's clock.
+
+Everything lives in the schema ``coin_retriever``; its version is migrated like the SQLite file's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import psycopg
+from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from credits import Credits
+from store import (
+    COIN,
+    DONE,
+    DUPLICATE,
+    INVALID,
+    MALFORMED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    BatchClosed,
+    BatchNotFound,
+    BatchSummary,
+    Claim,
+    CoinRecord,
+    Outcome,
+    Store,
+    StoreError,
+    SubmitResult,
+    finished_record,
+    new_batch_id,
+    plan_submission,
+    stored_id,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "coin_retriever"
+MIGRATION_LOCK = 0x636F696E  # pg_advisory_xact_lock key: one process migrates at a time
+NOW = "extract(epoch from clock_timestamp())"
+RELISTED_KEPT = 4096
+RETRIES = 8
+
+# MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction.
+MIGRATIONS = [
+    f"""
+CREATE TABLE coins (
+    id TEXT PRIMARY KEY,
+    task_run BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    exchanges TEXT[],
+    error TEXT,
+    claim BIGINT NOT NULL DEFAULT 0,
+    lease_until DOUBLE PRECISION,
+    not_before DOUBLE PRECISION,
+    first_pass JSONB,
+    fetched_at DOUBLE PRECISION,
+    tickers INTEGER,
+    total INTEGER,
+    complete BOOLEAN,
+    refreshing BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX coins_queued ON coins (task_run) WHERE status = 'queued';
+CREATE INDEX coins_leased ON coins (lease_until) WHERE status = 'running';
+CREATE INDEX coins_listed ON coins (task_run) INCLUDE (id) WHERE status = 'done' OR refreshing;
+CREATE INDEX coins_by_age ON coins (fetched_at) WHERE status = 'done' AND NOT refreshing;
+CREATE INDEX coins_by_exchange ON coins USING gin (exchanges);
+CREATE SEQUENCE claims;
+CREATE TABLE batches (
+    id TEXT PRIMARY KEY,
+    created DOUBLE PRECISION NOT NULL,
+    closed BOOLEAN NOT NULL DEFAULT FALSE,
+    position BIGSERIAL
+);
+CREATE TABLE batch_entries (
+    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    coin_id TEXT NOT NULL,
+    task_run BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (batch_id, position)
+);
+CREATE INDEX batch_entries_by_coin ON batch_entries (coin_id);
+CREATE TABLE state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    scope TEXT NOT NULL,
+    next_task_run BIGINT NOT NULL,
+    generation BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    relisted_floor BIGINT NOT NULL
+);
+INSERT INTO state VALUES (1, substr(md5(random()::text), 1, 8), 1, 1, 1, 0);
+CREATE TABLE relisted (seq BIGSERIAL PRIMARY KEY, coin_id TEXT NOT NULL);
+CREATE TABLE status_counts (status TEXT PRIMARY KEY, n BIGINT NOT NULL);
+INSERT INTO status_counts SELECT unnest(ARRAY{list(STATUSES)}), 0;
+CREATE TABLE credits (month TEXT PRIMARY KEY, used BIGINT NOT NULL);
+CREATE TABLE pacing (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    next_slot DOUBLE PRECISION NOT NULL,
+    paused_until DOUBLE PRECISION NOT NULL,
+    pauses BIGINT NOT NULL
+);
+INSERT INTO pacing VALUES (1, 0, 0, 0);
+"""
+    + "".join(
+        f"""
+CREATE FUNCTION count_statuses_{op}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM status_counts ORDER BY status FOR UPDATE;
+    UPDATE status_counts s SET n = s.n + d.k FROM (
+        SELECT status, sum(k) AS k FROM ({rows}) x GROUP BY status
+    ) d WHERE s.status = d.status AND d.k <> 0;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER count_statuses_{op} AFTER {event} ON coins REFERENCING {tables}
+    FOR EACH STATEMENT EXECUTE FUNCTION count_statuses_{op}();
+"""
+        for op, event, tables, rows in (
+            ("insert", "INSERT", "NEW TABLE AS new_rows", "SELECT status, 1 AS k FROM new_rows"),
+            ("update", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+             "SELECT status, 1 AS k FROM new_rows UNION ALL SELECT status, -1 FROM old_rows"),
+            ("delete", "DELETE", "OLD TABLE AS old_rows", "SELECT status, -1 AS k FROM old_rows"),
+        )
+    ),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing"
+TRANSIENT = (errors.DeadlockDetected, errors.SerializationFailure)
+
+
+def display_url(url: str) -> str:
+    """``url`` without its password, fit for a log line or an error."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://…"
+    params.pop("password", None)
+    return f"postgresql://{params.get('user', '')}@{params.get('host', '')}:{params.get('port', 5432)}/" \
+           f"{params.get('dbname', '')}"
+
+
+def url_password(url: str) -> str | None:
+    try:
+        return conninfo_to_dict(url).get("password") or None
+    except psycopg.ProgrammingError:
+        return None
+
+
+class PostgresStore(Store):
+    """Records, batches, the queue and the shared allowance in PostgreSQL, for any number of processes."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 16,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._clock = clock
+        self.lease_seconds = lease_seconds
+        self._shown = display_url(url)
+        try:
+            conninfo = make_conninfo(url, connect_timeout=max(1, round(connect_timeout)),
+                                     options=f"-c search_path={SCHEMA}", application_name="coin-retriever")
+        except psycopg.ProgrammingError as exc:
+            raise StoreError(f"cannot open COINS_DB {self._shown}: not a PostgreSQL URL ({exc})") from None
+        self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False, timeout=30,
+                                    kwargs={"autocommit": True}, name="coin-retriever")
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout + 1)
+            self._migrate()
+        except (psycopg.Error, PoolTimeout) as exc:
+            self._pool.close()
+            raise StoreError(f"cannot open COINS_DB {self._shown}: {_reason(exc)}") from None
+        self._held_lock = threading.Lock()
+        self._held: set[int] = set()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_leases, name="coin-lease-renewer", daemon=True)
+        self._renewer.start()
+        self._exchanges_cache: tuple[int, list[tuple[str, int]]] | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                conn.execute("INSERT INTO schema_version VALUES (0)")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"COINS_DB {self._shown} has schema version {version}, written by a newer release; "
+                    f"this release reads version {SCHEMA_VERSION}: upgrade every process on it"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                conn.execute(MIGRATIONS[step])
+                conn.execute("UPDATE schema_version SET version = %s", (step + 1,))
+                log.info("COINS_DB %s: schema version %d", self._shown, step + 1)
+
+    def _write(self, work: Callable[[psycopg.Connection], object]) -> object:
+        """Run ``work`` in one transaction, again if PostgreSQL broke a deadlock by aborting it."""
+        for attempt in range(RETRIES):
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    return work(conn)
+            except TRANSIENT:
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _read(self, query: str, params: Sequence = ()) -> list[tuple]:
+        with self._pool.connection() as conn:
+            return conn.execute(query, params).fetchall()
+
+    def _one(self, query: str, params: Sequence = ()):
+        rows = self._read(query, params)
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _lock_state(conn: psycopg.Connection) -> tuple[int, int]:
+        """Take the state row (the order every structural change keeps): (next taskRun, generation)."""
+        return conn.execute("SELECT next_task_run, generation FROM state FOR UPDATE").fetchone()
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
+               refresh: bool = False) -> SubmitResult:
+        def work(conn: psycopg.Connection) -> SubmitResult:
+            next_task_run, _ = self._lock_state(conn)
+            batch = batch_id
+            if batch is not None:
+                row = conn.execute("SELECT closed FROM batches WHERE id = %s", (batch,)).fetchone()
+                if row is None:
+                    raise BatchNotFound(batch)
+                if row[0]:
+                    raise BatchClosed(batch)
+            else:
+                batch = new_batch_id()
+                conn.execute("INSERT INTO batches (id, created) VALUES (%s, %s)", (batch, self._clock()))
+            known = {record.id: record for record in self._fetch(conn, {stored_id(c) for c in coin_ids})}
+            plan = plan_submission(batch, coin_ids, next_task_run, known.get, refresh)
+            again = plan.refreshed + plan.retried
+            if again:
+                conn.execute("UPDATE coins SET status = %s, error = NULL, refreshing = (status = %s)"
+                             " WHERE id = ANY(%s)", (QUEUED, DONE, again))
+            with conn.cursor().copy("COPY coins (id, task_run, status, error) FROM STDIN") as copy:
+                for coin_id, task_run in plan.new_coins:
+                    copy.write_row((coin_id, task_run, QUEUED, None))
+                for coin_id, task_run, reason in plan.new_invalid:
+                    copy.write_row((coin_id, task_run, INVALID, reason))
+            first = conn.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = %s",
+                                 (batch,)).fetchone()[0]
+            with conn.cursor().copy(
+                "COPY batch_entries (batch_id, position, coin_id, task_run, kind) FROM STDIN"
+            ) as copy:
+                for offset, entry in enumerate(plan.entries):
+                    copy.write_row((batch, first + offset, entry.coin_id, entry.task_run, entry.kind))
+            if close:
+                conn.execute("UPDATE batches SET closed = TRUE WHERE id = %s", (batch,))
+            conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (plan.next_task_run,))
+            return plan.result
+
+        return self._write(work)
+
+    def refresh_oldest(self, age: float) -> str | None:
+        def work(conn: psycopg.Connection) -> str | None:
+            row = conn.execute(
+                "UPDATE coins SET status = %s, refreshing = TRUE, error = NULL WHERE id = ("
+                " SELECT id FROM coins WHERE status = %s AND NOT refreshing AND fetched_at < %s"
+                " ORDER BY fetched_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+                (QUEUED, DONE, self._clock() - age),
+            ).fetchone()
+            return row[0] if row else None
+
+        return self._write(work)
+
+    def seconds_until_stale(self, age: float) -> float | None:
+        oldest = self._one("SELECT MIN(fetched_at) FROM coins WHERE status = %s AND NOT refreshing", (DONE,))[0]
+        return None if oldest is None else max(0.0, oldest + age - self._clock())
+
+    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+        with self._pool.connection() as conn, conn.transaction():
+            floor = conn.execute("SELECT relisted_floor FROM state").fetchone()[0]
+            rows = conn.execute("SELECT seq, coin_id FROM relisted WHERE seq > %s ORDER BY seq",
+                                (cursor,)).fetchall()
+        end = rows[-1][0] if rows else max(cursor, floor)
+        if cursor < floor:
+            return None, end
+        return [coin_id for _, coin_id in rows], end
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    def claim_next(self) -> Claim | None:
+        """The coin with the lowest taskRun that is queued (and ready), or whose lease ran out."""
+
+        def work(conn: psycopg.Connection) -> Claim | None:
+            lease = (self.lease_seconds,)
+            taken = conn.execute(
+                f"UPDATE coins SET claim = nextval('claims'), lease_until = {NOW} + %s WHERE id = ("
+                f" SELECT id FROM coins WHERE status = 'running' AND lease_until < {NOW}"
+                " ORDER BY task_run LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, task_run, claim, first_pass", lease,
+            ).fetchone()
+            if taken is not None:
+                log.warning("coin %s: taken over, the lease of the process that held it ran out", taken[0])
+            else:
+                taken = conn.execute(
+                    f"UPDATE coins SET status = 'running', claim = nextval('claims'), lease_until = {NOW} + %s,"
+                    " not_before = NULL WHERE id = ("
+                    " SELECT id FROM coins WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %s)"
+                    " ORDER BY task_run LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                    " RETURNING id, task_run, claim, first_pass", (*lease, self._clock()),
+                ).fetchone()
+            return taken and Claim(taken[0], taken[1], 0, taken[2],
+                                   frozenset(tuple(t) for t in taken[3]) if taken[3] is not None else None)
+
+        claim = self._write(work)
+        if claim is not None:
+            with self._held_lock:
+                self._held.add(claim.token)
+        return claim
+
+    def _let_go(self, claim: Claim) -> None:
+        with self._held_lock:
+            self._held.discard(claim.token)
+
+    def _renew_leases(self) -> None:
+        """Keep the leases of this process's coins alive while it fetches them."""
+        while not self._stop.wait(self.lease_seconds / 3):
+            with self._held_lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                with self._pool.connection() as conn:
+                    conn.execute(f"UPDATE coins SET lease_until = {NOW} + %s WHERE status = 'running'"
+                                 " AND claim = ANY(%s)", (self.lease_seconds, held))
+            except Exception as exc:  # the next round tries again; the lease outlives a few misses
+                log.warning("renewing %d lease(s) failed: %s", len(held), _reason(exc))
+
+    def finish(self, claim: Claim, outcome: Outcome) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            self._lock_state(conn)
+            row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s AND status = %s AND claim = %s"
+                               " FOR UPDATE", (claim.coin_id, RUNNING, claim.token)).fetchone()
+            if row is None:
+                return False
+            current = _record(row)
+            record = finished_record(current, outcome, self._clock())
+            conn.execute(
+                "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
+                " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s, refreshing = FALSE"
+                " WHERE id = %s",
+                (record.status, list(record.exchanges) if record.exchanges is not None else None, record.error,
+                 record.fetched_at, record.tickers, record.total, record.complete, claim.coin_id),
+            )
+            if outcome.status == DONE:
+                conn.execute("UPDATE state SET version = version + 1")
+                if current.refreshing:
+                    self._log_relisted(conn, claim.coin_id)
+            return True
+
+        finished = self._write(work)
+        self._let_go(claim)
+        return finished
+
+    @staticmethod
+    def _log_relisted(conn: psycopg.Connection, coin_id: str) -> None:
+        """A listed record changed; the log keeps its last ``RELISTED_KEPT`` entries (the state row is held,
+        so entries are numbered in commit order)."""
+        seq = conn.execute("INSERT INTO relisted (coin_id) VALUES (%s) RETURNING seq", (coin_id,)).fetchone()[0]
+        if seq % RELISTED_KEPT == 0:
+            conn.execute("DELETE FROM relisted WHERE seq <= %s", (seq - RELISTED_KEPT,))
+            conn.execute("UPDATE state SET relisted_floor = %s", (seq - RELISTED_KEPT,))
+
+    def release(self, claim: Claim) -> None:
+        self._write(lambda conn: conn.execute(
+            "UPDATE coins SET status = %s, claim = 0, lease_until = NULL WHERE id = %s AND status = %s"
+            " AND claim = %s", (QUEUED, claim.coin_id, RUNNING, claim.token)))
+        self._let_go(claim)
+
+    def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
+        not_before = self._clock() + seconds
+        deferred = self._write(lambda conn: conn.execute(
+            "UPDATE coins SET status = %s, claim = 0, lease_until = NULL, not_before = %s, first_pass = %s"
+            " WHERE id = %s AND status = %s AND claim = %s",
+            (QUEUED, not_before, Jsonb(sorted(first_pass, key=repr)), claim.coin_id, RUNNING, claim.token),
+        ).rowcount)
+        self._let_go(claim)
+        return bool(deferred)
+
+    def seconds_until_ready(self) -> float | None:
+        first = self._one("SELECT MIN(not_before) FROM coins WHERE status = %s AND not_before IS NOT NULL",
+                          (QUEUED,))[0]
+        return None if first is None else max(0.0, first - self._clock())
+
+    def claim_alive(self, claim: Claim) -> bool:
+        return self._one("SELECT 1 FROM coins WHERE id = %s AND status = %s AND claim = %s",
+                         (claim.coin_id, RUNNING, claim.token)) is not None
+
+    # -- credits and call slots -------------------------------------------------------------------
+
+    def credits_used(self, month: str) -> int:
+        row = self._one("SELECT used FROM credits WHERE month = %s", (month,))
+        return row[0] if row else 0
+
+    def add_credits(self, month: str, count: int) -> None:
+        self._write(lambda conn: conn.execute(
+            "INSERT INTO credits (month, used) VALUES (%s, %s)"
+            " ON CONFLICT (month) DO UPDATE SET used = credits.used + EXCLUDED.used", (month, count)))
+
+    def reserve_credit(self, month: str, limit: int | None) -> bool:
+        """Count one credit as used now, if ``limit`` allows it (a call that gets no 200 hands it back)."""
+        if limit is not None and limit <= 0:
+            return False
+        row = self._write(lambda conn: conn.execute(
+            "INSERT INTO credits AS c (month, used) VALUES (%(month)s, 1) ON CONFLICT (month) DO UPDATE"
+            " SET used = c.used + 1 WHERE %(limit)s::bigint IS NULL OR c.used < %(limit)s::bigint"
+            " RETURNING used", {"month": month, "limit": limit}).fetchone())
+        return row is not None
+
+    def credits(self, limit: int | None) -> Credits:
+        return SharedCredits(limit, self)
+
+    def call_slots(self) -> PostgresSlots:
+        return PostgresSlots(self)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fetch(conn: psycopg.Connection, coin_ids) -> list[CoinRecord]:
+        rows = conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ANY(%s)", (list(coin_ids),))
+        return [_record(row) for row in rows]
+
+    def record(self, coin_id: str) -> CoinRecord | None:
+        row = self._one(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s", (coin_id,))
+        return _record(row) if row else None
+
+    def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
+        with self._pool.connection() as conn:
+            return self._fetch(conn, coin_ids)
+
+    def has_batch(self, batch_id: str) -> bool:
+        return self._one("SELECT 1 FROM batches WHERE id = %s", (batch_id,)) is not None
+
+    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+        listed = "(status = 'done' OR refreshing) AND task_run > %s"
+        if batch_id is None:
+            return self._read(f"SELECT task_run, id FROM coins WHERE {listed} ORDER BY task_run", (since,))
+        with self._pool.connection() as conn, conn.transaction():
+            if conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,)).fetchone() is None:
+                raise BatchNotFound(batch_id)
+            return conn.execute(
+                f"SELECT task_run, id FROM coins WHERE {listed} AND id IN"
+                " (SELECT coin_id FROM batch_entries WHERE batch_id = %s) ORDER BY task_run", (since, batch_id),
+            ).fetchall()
+
+    def latest_listed(self, count: int) -> list[str]:
+        return [row[0] for row in self._read(
+            "SELECT id FROM coins WHERE status = 'done' OR refreshing ORDER BY task_run DESC LIMIT %s", (count,))]
+
+    def exchanges(self) -> list[tuple[str, int]]:
+        version = self.listing_version()
+        cached = self._exchanges_cache
+        if cached is None or cached[0] != version:
+            counts = self._read("SELECT exchange, count(*) FROM coins, unnest(exchanges) AS exchange"
+                                " WHERE status = 'done' OR refreshing GROUP BY exchange")
+            cached = self._exchanges_cache = (version, sorted(counts))
+        return cached[1]
+
+    def exchange(self, exchange_id: str) -> list[str] | None:
+        rows = self._read("SELECT id FROM coins WHERE exchanges @> ARRAY[%s] AND (status = 'done' OR refreshing)"
+                          " ORDER BY task_run", (exchange_id,))
+        return [row[0] for row in rows] or None
+
+    def generation(self) -> int:
+        return self._one("SELECT generation FROM state")[0]
+
+    def listing_version(self) -> int:
+        return self._one("SELECT version FROM state")[0]
+
+    def listing_scope(self) -> str:
+        """The database's own: every process on it gives a version the same ETag."""
+        return "pg" + self._one("SELECT scope FROM state")[0]
+
+    def status_counts(self) -> dict[str, int]:
+        return dict(self._read("SELECT status, n FROM status_counts"))
+
+    def queued_up_to(self, task_run: int) -> int:
+        return self._one("SELECT count(*) FROM coins WHERE status = 'queued' AND task_run <= %s", (task_run,))[0]
+
+    def _summaries(self, where: str = "", params: Sequence = ()) -> list[BatchSummary]:
+        rows = self._read(
+            "SELECT b.id, b.created, b.closed, count(e.kind),"
+            f" count(*) FILTER (WHERE e.kind = '{DUPLICATE}'),"
+            f" count(*) FILTER (WHERE e.kind = '{MALFORMED}' OR (e.kind = '{COIN}' AND c.status IS NULL)),"
+            + "".join(f" count(*) FILTER (WHERE e.kind = '{COIN}' AND c.status = '{status}')," for status in STATUSES)
+            + f" max(c.task_run) FILTER (WHERE e.kind = '{COIN}' AND c.status = '{QUEUED}')"
+            " FROM batches b LEFT JOIN batch_entries e ON e.batch_id = b.id"
+            f" LEFT JOIN coins c ON c.id = e.coin_id AND e.kind = '{COIN}'"
+            f" {where} GROUP BY b.id ORDER BY min(b.position)", params,
+        )
+        summaries = []
+        for batch_id, created, closed, submitted, duplicates, malformed, *by_status, last_queued in rows:
+            counts = {"submitted": submitted, **dict(zip(STATUSES, by_status, strict=True)), "duplicates": duplicates}
+            counts[INVALID] += malformed
+            summaries.append(BatchSummary(batch_id, created, closed, counts, last_queued))
+        return summaries
+
+    def batch(self, batch_id: str) -> BatchSummary | None:
+        found = self._summaries("WHERE b.id = %s", (batch_id,))
+        return found[0] if found else None
+
+    def batches(self) -> list[BatchSummary]:
+        return self._summaries()
+
+    # -- deleting -------------------------------------------------------------------------------
+
+    def delete_batch(self, batch_id: str) -> list[str]:
+        def work(conn: psycopg.Connection) -> list[str]:
+            self._lock_state(conn)
+            if conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,)).fetchone() is None:
+                raise BatchNotFound(batch_id)
+            cancelled = conn.execute(
+                "SELECT DISTINCT c.id, c.task_run, c.refreshing FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
+                " WHERE e.batch_id = %s AND e.kind = %s AND c.status IN (%s, %s) AND (c.refreshing OR NOT EXISTS ("
+                "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id <> e.batch_id))"
+                " ORDER BY c.task_run",
+                (batch_id, COIN, QUEUED, RUNNING),
+            ).fetchall()
+            conn.execute("DELETE FROM coins WHERE id = ANY(%s)", ([row[0] for row in cancelled if not row[2]],))
+            conn.execute("UPDATE coins SET status = %s, refreshing = FALSE, claim = 0, lease_until = NULL"
+                         " WHERE id = ANY(%s)", (DONE, [row[0] for row in cancelled if row[2]]))
+            conn.execute("DELETE FROM batches WHERE id = %s", (batch_id,))
+            conn.execute("UPDATE state SET version = version + 1")
+            return [row[0] for row in cancelled]
+
+        return self._write(work)
+
+    def clear(self) -> int:
+        def work(conn: psycopg.Connection) -> int:
+            self._lock_state(conn)
+            dropped = conn.execute("SELECT COALESCE(sum(n), 0) FROM status_counts").fetchone()[0]
+            conn.execute("TRUNCATE batch_entries, batches, coins, relisted")
+            conn.execute("UPDATE status_counts SET n = 0")
+            conn.execute("UPDATE state SET next_task_run = 1, generation = generation + 1,"
+                         " version = version + 1, relisted_floor = 0")
+            conn.execute("SELECT setval('relisted_seq_seq', 1, false)")
+            return int(dropped)
+
+        return self._write(work)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.close()
+
+
+def _record(row: tuple) -> CoinRecord:
+    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing = row
+    return CoinRecord(coin_id, task_run, status, tuple(exchanges) if exchanges is not None else None,
+                      error, fetched_at, tickers, total, complete, refreshing)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a driver error: enough to act on, nothing from the URL."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class SharedCredits(Credits):
+    """The month's credits counted in the database: a call's credit is taken there first, so that every
+    process together keeps to the limit; a call without a 200 gives it back."""
+
+    def __init__(self, limit: int | None, store: PostgresStore, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(limit, ledger=store, clock=clock)
+        self._store = store
+
+    def reserve(self) -> bool:
+        with self._lock:
+            self._roll_month()
+            month, limit = self._month, self.limit
+        return self._store.reserve_credit(month, limit)
+
+    def settle(self, spent: bool) -> None:
+        if not spent:
+            with self._lock:
+                month = self._month
+            self._store.add_credits(month, -1)
+
+    def allow(self, remaining: int) -> None:
+        with self._lock:
+            self._roll_month()
+            self.limit = self._store.credits_used(self._month) + remaining
+
+    def state(self) -> dict:
+        with self._lock:
+            self._roll_month()
+            self._used = self._store.credits_used(self._month)
+        return super().state()
+
+
+class PostgresSlots:
+    """Call slots, 429 pauses and their count in one row, timed by the database's clock, so that every
+    process on the database together keeps to one rate limit."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def take(self, interval: float) -> tuple[float, float, int]:
+        def work(conn: psycopg.Connection) -> tuple[float, float, int]:
+            return conn.execute(
+                f"UPDATE pacing SET next_slot = GREATEST(t.now, next_slot, paused_until) + %(interval)s"
+                f" FROM (SELECT {NOW} AS now) t RETURNING next_slot - %(interval)s, t.now, pauses",
+                {"interval": interval},
+            ).fetchone()
+
+        return self._store._write(work)
+
+    def pause(self, seconds: float) -> None:
+        self._store._write(lambda conn: conn.execute(
+            f"UPDATE pacing SET paused_until = GREATEST(paused_until, {NOW} + %s), pauses = pauses + 1",
+            (seconds,)))
+
+    def pause_state(self) -> tuple[float, float, int]:
+        return self._store._one(f"SELECT {NOW}, paused_until, pauses FROM pacing")
+

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "coin_retriever"
 MIGRATION_LOCK = 0x636F696E  # pg_advisory_xact_lock key: one process migrates at a time
-NOW = "extract(epoch from clock_timestamp())"
+NOW = "extract(epoch from clock_timestamp())::float8"
 RELISTED_KEPT = 4096
 RETRIES = 8
 
@@ -193,6 +193,7 @@ class PostgresStore(Store):
         self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False, timeout=30,
                                     kwargs={"autocommit": True}, name="coin-retriever")
         try:
+            psycopg.connect(conninfo).close()  # the server's own refusal, rather than the pool's time-out
             self._pool.open(wait=True, timeout=connect_timeout + 1)
             self._migrate()
         except (psycopg.Error, PoolTimeout) as exc:

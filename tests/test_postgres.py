@@ -1,0 +1,198 @@
+"""What only a shared store does: two PostgresStore objects on one database stand for two processes.
+
+The rules every store keeps are tested on all three stores in test_store.py and elsewhere;
+here, what several processes must keep to together: one taskRun counter, leases, one rate
+limit, one credit count, and listings that follow changes made by another process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app import Config, create_app
+from coingecko_client import SPACING_MARGIN, RateLimiter
+from conftest import fast_client
+from postgres_store import PostgresStore, display_url
+from store import DONE, QUEUED, RUNNING, Outcome, StoreError
+from worker import Worker
+
+
+@pytest.fixture
+def pair(postgres_url):
+    """Two stores on one database, as two processes would have; short leases."""
+    stores = [PostgresStore(postgres_url, lease_seconds=1.5) for _ in range(2)]
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def in_threads(count: int, work) -> list:
+    results = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_parallel_submissions_to_two_stores_are_numbered_as_one(pair):
+    ids = [f"coin-{i}" for i in range(30)]
+    results = in_threads(20, lambda i: pair[i % 2].submit(ids[i:i + 10] + ["bitcoin"]))
+
+    new_numbers = [result.task_runs[coin_id] for result in results for coin_id in result.queued]
+    assert len(new_numbers) == len(set(new_numbers)) == 30  # coin-0 to coin-28, and bitcoin
+    for result in results:
+        own = [result.task_runs[coin_id] for coin_id in result.queued]
+        assert not own or max(own) - min(own) <= 10, "a submission's numbers are one block"
+    assert pair[1].submit(["probe"]).task_runs == {"probe": 20 * 11 + 1}, "no number skipped or given twice"
+    assert pair[0].status_counts() == {"queued": 31, "running": 0, "done": 0, "invalid": 0, "failed": 0}
+    for result in results:
+        counts = pair[1].batch(result.batch).counts
+        assert counts["submitted"] == 11 == counts["queued"] + counts["duplicates"]
+
+
+def test_a_coin_is_claimed_once_across_stores(pair):
+    pair[0].submit([f"c{i}" for i in range(40)])
+    claims = in_threads(8, lambda i: [c for _ in range(5) if (c := pair[i % 2].claim_next())])
+    taken = [claim.coin_id for batch in claims for claim in batch]
+    assert sorted(taken) == sorted(f"c{i}" for i in range(40))
+    assert pair[1].claim_next() is None
+
+
+def test_a_lease_is_renewed_while_its_process_lives_and_taken_over_when_it_dies(pair, postgres_url):
+    first, second = pair
+    first.submit(["alpha", "beta"])
+    claim = first.claim_next()
+    time.sleep(3 * first.lease_seconds)
+    taken = second.claim_next()
+    assert taken.coin_id == "beta", "a renewed lease is not taken over"
+
+    first.close()  # the process dies: nobody renews its lease
+    assert second.claim_next() is None
+    time.sleep(first.lease_seconds + 0.5)
+    takeover = second.claim_next()
+    assert (takeover.coin_id, takeover.task_run) == ("alpha", claim.task_run)
+    assert takeover.token != claim.token
+
+    revived = PostgresStore(postgres_url)
+    try:
+        assert not revived.finish(claim, Outcome.done(["late"])), "an expired claim that was taken over cannot land"
+        assert not revived.claim_alive(claim)
+    finally:
+        revived.close()
+    assert second.finish(takeover, Outcome.done(["binance"]))
+    assert second.record("alpha").exchanges == ("binance",)
+    assert second.status_counts()[DONE] == 1 and second.status_counts()[RUNNING] == 1
+
+
+def test_the_running_count_survives_a_takeover(pair):
+    first, second = pair
+    first.submit(["alpha"])
+    first.claim_next()
+    first._stop.set()  # stop renewing, as a frozen process would
+    time.sleep(first.lease_seconds + 0.5)
+    assert second.claim_next().coin_id == "alpha"
+    assert second.status_counts() == {QUEUED: 0, RUNNING: 1, DONE: 0, "invalid": 0, "failed": 0}
+
+
+def test_call_slots_are_spaced_across_stores(pair):
+    interval = 0.05
+    slots = [store.call_slots() for store in pair]
+    taken = in_threads(6, lambda i: [slots[i % 2].take(interval)[0] for _ in range(20)])
+    times = sorted(t for batch in taken for t in batch)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(times) == 120 and min(gaps) == pytest.approx(interval, abs=1e-6)
+
+
+def test_a_429_pause_in_one_store_holds_back_the_other(pair):
+    first, second = (RateLimiter(6000, slots=store.call_slots()) for store in pair)
+    assert not second.paused()
+    first.pause(2.0)
+    assert second.paused()
+    started = time.monotonic()
+    second.acquire()
+    assert time.monotonic() - started >= 1.9
+
+
+def test_rate_limited_calls_from_two_stores_keep_to_one_limit(pair):
+    limiters = [RateLimiter(1200, slots=store.call_slots()) for store in pair]  # 50 ms apart
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def calls(i: int) -> None:
+        for _ in range(10):
+            limiters[i % 2].acquire()
+            with lock:
+                stamps.append(time.monotonic())
+
+    in_threads(8, calls)
+    stamps.sort()
+    assert len(stamps) == 80
+    elapsed = stamps[-1] - stamps[0]
+    assert elapsed >= 79 * 0.05 * SPACING_MARGIN - 0.05
+
+
+def test_credits_are_shared_and_never_overspent(pair):
+    credits = [store.credits(10) for store in pair]
+    granted = in_threads(8, lambda i: sum(credits[i % 2].reserve() for _ in range(5)))
+    assert sum(granted) == 10
+    credits[0].settle(False)  # a call that got no 200 gives its credit back
+    assert credits[1].reserve() and not credits[0].reserve()
+    assert credits[1].state()["used"] == 10 and credits[0].state()["remaining"] == 0
+
+
+def test_a_listing_follows_changes_made_by_another_process(pair, fake):
+    apps = [create_app(Config(api_url=fake.url), store=store, worker=Worker(store, fast_client(fake.url)),
+                       start_worker=False) for store in pair]
+    http = [app.test_client() for app in apps]
+    http[0].post("/coins", json=["bitcoin", "ethereum"])
+    first = http[1].get("/coins")
+    assert first.get_json() == {"coins": []}
+
+    other = apps[0].extensions["coin_retriever"].worker
+    assert other.process_next()
+    second = http[1].get("/coins", headers={"If-None-Match": first.headers["ETag"]})
+    assert second.status_code == 200 and [c["id"] for c in second.get_json()["coins"]] == ["bitcoin"]
+    assert http[0].get("/coins").headers["ETag"] == second.headers["ETag"], "one ETag on every process"
+    assert http[1].get("/coins", headers={"If-None-Match": second.headers["ETag"]}).status_code == 304
+
+    pair[0].submit(["bitcoin"], refresh=True)
+    claim = pair[0].claim_next()
+    pair[0].finish(claim, Outcome.done(["only-one"]))
+    coins = http[1].get("/coins").get_json()["coins"]
+    assert coins == [{"exchanges": ["only-one"], "id": "bitcoin", "taskRun": 1}], "a refreshed record is re-encoded"
+
+    http[0].delete("/coins")
+    assert http[1].get("/coins").get_json() == {"coins": []}
+    assert http[1].get("/healthz").get_json()["coins"]["queued"] == 0
+
+
+def test_a_bad_url_stops_the_store_with_the_url_but_never_the_password(postgres_server):
+    port = postgres_server.rsplit(":", 1)[1].split("/")[0]
+    with pytest.raises(StoreError) as refused:
+        PostgresStore(f"postgresql://postgres:s3cret-pw@127.0.0.1:{port}/no_such_db", connect_timeout=2)
+    message = str(refused.value)
+    assert "s3cret-pw" not in message
+    assert message.startswith(f"cannot open COINS_DB postgresql://postgres@127.0.0.1:{port}/no_such_db")
+    assert 'database "no_such_db" does not exist' in message
+    assert display_url("postgresql://u:pw@h:5/d") == "postgresql://u@h:5/d"
+
+
+def test_a_schema_from_a_newer_release_is_refused(postgres_url):
+    PostgresStore(postgres_url).close()
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE coin_retriever.schema_version SET version = 99")
+    with pytest.raises(StoreError, match="schema version 99, written by a newer release"):
+        PostgresStore(postgres_url)

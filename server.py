@@ -41,6 +41,9 @@ SETTINGS = {
     "worker_class": "server.JsonErrorWorker",
     "graceful_timeout": GRACEFUL_SECONDS,
     "accesslog": "-",
+    # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl): two services on a
+    # host would take it from each other, and the service needs none.
+    "control_socket_disable": True,
 }
 
 

@@ -112,7 +112,8 @@ def test_two_processes_keep_to_one_rate_limit_together(two_services):
 def test_a_killed_process_s_coins_are_finished_by_the_survivor(two_services):
     """``kill -9`` of one process mid-run: every coin done with its exact exchanges; only the coins it had in
     flight are fetched again (after their leases run out)."""
-    with FakeCoinGecko(FakeOptions(latency=0.03), FakeData(coins=0, extra={f"big-{i}": 450 for i in range(24)})) as fake:
+    big = FakeData(coins=0, extra={f"big-{i}": 450 for i in range(24)})
+    with FakeCoinGecko(FakeOptions(latency=0.03), big) as fake:
         victim, survivor = two_services(fake.url, WORKER_CONCURRENCY="3", COINS_LEASE_SECONDS="3")
         ids = [f"big-{i}" for i in range(24)]
         batch = requests.post(f"{victim.url}/coins", json={"coins": ids, "last": True}, timeout=30).json()["batch"]
@@ -138,7 +139,8 @@ def test_gunicorn_runs_several_workers_on_postgres_with_metrics_summed(postgres_
         port = free_port()
         env = {"COINS_DB": postgres_url, "COINGECKO_API_URL": fake.url, "COINGECKO_RATE_LIMIT": "1000000",
                "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "gunicorn", "--workers", "3", "--bind", f"127.0.0.1:{port}", "app:create_app()"]
+        command = [sys.executable, "-m", "gunicorn", "--workers", "3", "--bind", f"127.0.0.1:{port}",
+                   "app:create_app()"]
         url = f"http://127.0.0.1:{port}"
         with running(command, env, url, "/healthz") as server:
             ids = [f"coin-{i:05d}" for i in range(1, 41)]

@@ -20,6 +20,7 @@ It prints a Markdown table with the targets; medians and ratios, since this mach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -35,11 +36,13 @@ import requests
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+from postgres_server import reset, throwaway_server, unavailable_reason  # noqa: E402
 from support import eventually, free_port, running, service  # noqa: E402  (the tests' process helpers)
 
 log = logging.getLogger("bench")
 
 SCALE_COINS = 17_000
+STORES = ("memory", "sqlite", "postgres")
 UNLIMITED = "100000000"
 
 
@@ -96,11 +99,19 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def measure_scale(store: str, coins: int, repeat: int, workdir: str) -> dict:
-    ids = [f"coin-{i:05d}" for i in range(1, coins + 1)]
-    env = {"COINGECKO_RATE_LIMIT": UNLIMITED, "LOG_LEVEL": "WARNING"}
+def store_settings(store: str, workdir: str, postgres: str | None) -> dict[str, str]:
+    """``COINS_DB`` for ``store``: a new SQLite file, or the PostgreSQL server emptied."""
     if store == "sqlite":
-        env["COINS_DB"] = str(Path(workdir) / "bench.db")
+        return {"COINS_DB": str(Path(tempfile.mkdtemp(dir=workdir)) / "coins.db")}
+    if store == "postgres":
+        reset(postgres)
+        return {"COINS_DB": postgres}
+    return {}
+
+
+def measure_scale(store: str, coins: int, repeat: int, workdir: str, postgres: str | None = None) -> dict:
+    ids = [f"coin-{i:05d}" for i in range(1, coins + 1)]
+    env = {"COINGECKO_RATE_LIMIT": UNLIMITED, "LOG_LEVEL": "WARNING", **store_settings(store, workdir, postgres)}
     with FakeCoinGecko(data=FakeData(coins=coins, hub_every=3)) as fake, service(fake.url, **env) as svc:
         session = requests.Session()
         started = time.perf_counter()
@@ -197,11 +208,9 @@ def refresh_rate(session: requests.Session, url: str, ids: list[str], poll: bool
     return len(ids) / (time.perf_counter() - started)
 
 
-def measure_at_scale(store: str, n: int, workdir: str, repeat: int = 20) -> dict:
+def measure_at_scale(store: str, n: int, workdir: str, postgres: str | None = None, repeat: int = 20) -> dict:
     ids = [f"coin-{i:05d}" for i in range(1, n + 1)]
-    env = {"COINGECKO_RATE_LIMIT": UNLIMITED, "LOG_LEVEL": "WARNING"}
-    if store == "sqlite":
-        env["COINS_DB"] = str(Path(workdir) / f"scale-{n}.db")
+    env = {"COINGECKO_RATE_LIMIT": UNLIMITED, "LOG_LEVEL": "WARNING", **store_settings(store, workdir, postgres)}
     result: dict = {"store": store, "n": n}
     with FakeCoinGecko(data=FakeData(coins=n)) as fake, service(fake.url, **env) as svc:
         url, session = svc.url, requests.Session()
@@ -340,14 +349,18 @@ def report(pacing: dict, scales: list[dict]) -> str:
             f"| {name}: refresh of 1,000 coins, fewest listed while it ran | {s['fewest_during_refresh']:,} of "
             f"{s['listed']:,} | none missing | {ok(s['fewest_during_refresh'] == s['listed'])} |",
         ]
-    if len(scales) == 2:
-        memory, sqlite = scales
+    by_store = {s["store"]: s for s in scales}
+    if {"memory", "sqlite"} <= by_store.keys():
+        memory, sqlite = by_store["memory"], by_store["sqlite"]
         ratio = sqlite["coins_per_s"] / memory["coins_per_s"]
         get_ratio = statistics.median(sqlite["full"]) / statistics.median(memory["full"])
         rows += [
             f"| SQLite ÷ memory, coins/s | {ratio:.2f} | ≥ 0.5 | {ok(ratio >= 0.5)} |",
             f"| SQLite ÷ memory, GET /coins p50 | {get_ratio:.2f} | about 1 | |",
         ]
+    if {"sqlite", "postgres"} <= by_store.keys():
+        ratio = by_store["postgres"]["coins_per_s"] / by_store["sqlite"]["coins_per_s"]
+        rows.append(f"| PostgreSQL ÷ SQLite, coins/s (one process) | {ratio:.2f} | ≥ 0.5 | {ok(ratio >= 0.5)} |")
     return "\n".join(rows)
 
 
@@ -367,19 +380,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     machine = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
-    if args.scale:
-        with tempfile.TemporaryDirectory() as workdir:
-            results = [measure_at_scale(store, args.scale, workdir) for store in ("memory", "sqlite")]
-        sys.stdout.write(f"\n{scale_report(results)}\n\nMeasured on {machine}, {_cores()} cores.\n")
-        return
-    pacing_coins, repeat = (80, 20) if args.quick else (600, 100)
-    log.info("pacing: %d coins at %d calls/min, %.0f ms a call", pacing_coins, args.limit, args.latency * 1000)
-    pacing = measure_pacing(pacing_coins, args.limit, args.latency, args.concurrency or 4)
-    scales = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for store in ("memory", "sqlite"):
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory())
+        missing = unavailable_reason()
+        postgres = None if missing else stack.enter_context(throwaway_server())
+        if missing:
+            log.warning("no PostgreSQL store in this run: %s", missing)
+        stores = [store for store in STORES if store != "postgres" or postgres]
+        if args.scale:
+            results = [measure_at_scale(store, args.scale, workdir, postgres) for store in stores]
+            sys.stdout.write(f"\n{scale_report(results)}\n\nMeasured on {machine}, {_cores()} cores.\n")
+            return
+        pacing_coins, repeat = (80, 20) if args.quick else (600, 100)
+        log.info("pacing: %d coins at %d calls/min, %.0f ms a call", pacing_coins, args.limit, args.latency * 1000)
+        pacing = measure_pacing(pacing_coins, args.limit, args.latency, args.concurrency or 4)
+        scales = []
+        for store in stores:
             log.info("scale: %d coins on the %s store", SCALE_COINS, store)
-            scales.append(measure_scale(store, SCALE_COINS, repeat, workdir))
+            scales.append(measure_scale(store, SCALE_COINS, repeat, workdir, postgres))
     sys.stdout.write(f"\n{report(pacing, scales)}\n\nMeasured on {machine}, {_cores()} cores.\n")
 
 

@@ -174,3 +174,27 @@ def test_the_image_runs_on_a_read_only_root(image, containers):
     finally:
         engine("volume", "rm", "-f", volume, check=False)
     assert (view["done"], status) == (1, 0)
+
+
+def test_two_containers_of_the_image_share_one_postgres_queue(image, containers, postgres_url):
+    """What ``compose.yaml``'s postgres profile runs: two replicas of the image on one database."""
+    with FakeCoinGecko(FakeOptions(latency=0.01), FakeData(coins=60)) as fake:
+        ports = [free_port(), free_port()]
+        for port in ports:
+            run(image, containers(), {"PORT": str(port), "COINGECKO_API_URL": fake.url, "COINS_DB": postgres_url,
+                                      "COINGECKO_RATE_LIMIT": "100000"})
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url in urls:
+            answering(url, 60)
+        ids = [f"coin-{i:05d}" for i in range(1, 61)]
+        first = requests.post(f"{urls[0]}/coins", json=ids[:30], timeout=10).json()
+        second = requests.post(f"{urls[1]}/coins", json={"coins": ids[30:], "batch": first["batch"], "last": True},
+                               timeout=10).json()
+        assert second["taskRuns"][ids[30]] == 31
+        view = wait_complete(urls[1], first["batch"], timeout=90)
+        listing = requests.get(f"{urls[0]}/coins", timeout=10).json()["coins"]
+        stats = fake.stats.snapshot()
+
+    assert view["done"] == 60
+    assert {c["id"]: c["exchanges"] for c in listing} == {coin: fake.data.exchanges(coin) for coin in ids}
+    assert stats["pages_fetched_twice"] == []

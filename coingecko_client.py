@@ -191,8 +191,9 @@ class RateLimiter:
         """Wait for this caller's slot; take a new one if a pause began meanwhile."""
         while True:
             slot, now, pauses = self._slots.take(self.interval)
-            if slot > now:
-                self._sleep(slot - now)
+            if slot <= now:
+                return
+            self._sleep(slot - now)
             _, paused_until, pauses_now = self._slots.pause_state()
             if pauses_now == pauses or paused_until <= slot:
                 return

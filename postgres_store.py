@@ -205,6 +205,8 @@ class PostgresStore(Store):
         self._renewer = threading.Thread(target=self._renew_leases, name="coin-lease-renewer", daemon=True)
         self._renewer.start()
         self._exchanges_cache: tuple[int, list[tuple[str, int]]] | None = None
+        self._takeover_due = 0.0
+        self._scope = "pg" + self._one("SELECT scope FROM state")[0]
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -227,17 +229,26 @@ class PostgresStore(Store):
                 conn.execute("UPDATE schema_version SET version = %s", (step + 1,))
                 log.info("COINS_DB %s: schema version %d", self._shown, step + 1)
 
-    def _write(self, work: Callable[[psycopg.Connection], object]) -> object:
-        """Run ``work`` in one transaction, again if PostgreSQL broke a deadlock by aborting it."""
+    def _write(self, work: Callable[[psycopg.Connection], object], block: bool = True) -> object:
+        """Run ``work`` in one transaction (``block``: BEGIN … COMMIT; else one statement that is its own),
+        again if PostgreSQL broke a deadlock by aborting it."""
         for attempt in range(RETRIES):
             try:
-                with self._pool.connection() as conn, conn.transaction():
-                    return work(conn)
+                with self._pool.connection() as conn:
+                    if not block:
+                        return work(conn)
+                    with conn.transaction():
+                        return work(conn)
             except TRANSIENT:
                 if attempt == RETRIES - 1:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _execute(self, query: str, params: Sequence | dict = ()) -> psycopg.Cursor:
+        """One statement on its own (atomic without a transaction block: one round trip), again on a
+        deadlock."""
+        return self._write(lambda conn: conn.execute(query, params), block=False)
 
     def _read(self, query: str, params: Sequence = ()) -> list[tuple]:
         with self._pool.connection() as conn:
@@ -294,16 +305,13 @@ class PostgresStore(Store):
         return self._write(work)
 
     def refresh_oldest(self, age: float) -> str | None:
-        def work(conn: psycopg.Connection) -> str | None:
-            row = conn.execute(
-                "UPDATE coins SET status = %s, refreshing = TRUE, error = NULL WHERE id = ("
-                " SELECT id FROM coins WHERE status = %s AND NOT refreshing AND fetched_at < %s"
-                " ORDER BY fetched_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
-                (QUEUED, DONE, self._clock() - age),
-            ).fetchone()
-            return row[0] if row else None
-
-        return self._write(work)
+        row = self._execute(
+            "UPDATE coins SET status = %s, refreshing = TRUE, error = NULL WHERE id = ("
+            " SELECT id FROM coins WHERE status = %s AND NOT refreshing AND fetched_at < %s"
+            " ORDER BY fetched_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+            (QUEUED, DONE, self._clock() - age),
+        ).fetchone()
+        return row[0] if row else None
 
     def seconds_until_stale(self, age: float) -> float | None:
         oldest = self._one("SELECT MIN(fetched_at) FROM coins WHERE status = %s AND NOT refreshing", (DONE,))[0]
@@ -322,34 +330,38 @@ class PostgresStore(Store):
     # -- the queue ------------------------------------------------------------------------------
 
     def claim_next(self) -> Claim | None:
-        """The coin with the lowest taskRun that is queued (and ready), or whose lease ran out."""
+        """The queued (and ready) coin with the lowest taskRun; first, now and then, one whose lease ran out.
 
-        def work(conn: psycopg.Connection) -> Claim | None:
-            lease = (self.lease_seconds,)
-            taken = conn.execute(
+        Leases run out only when a process dies, so they are looked for once a third of a lease
+        (one statement either way)."""
+        lease = (self.lease_seconds,)
+        taken = None
+        now = time.monotonic()
+        if now >= self._takeover_due:
+            self._takeover_due = now + self.lease_seconds / 3
+            taken = self._execute(
                 f"UPDATE coins SET claim = nextval('claims'), lease_until = {NOW} + %s WHERE id = ("
                 f" SELECT id FROM coins WHERE status = 'running' AND lease_until < {NOW}"
                 " ORDER BY task_run LIMIT 1 FOR UPDATE SKIP LOCKED)"
                 " RETURNING id, task_run, claim, first_pass", lease,
             ).fetchone()
             if taken is not None:
+                self._takeover_due = now
                 log.warning("coin %s: taken over, the lease of the process that held it ran out", taken[0])
-            else:
-                taken = conn.execute(
-                    f"UPDATE coins SET status = 'running', claim = nextval('claims'), lease_until = {NOW} + %s,"
-                    " not_before = NULL WHERE id = ("
-                    " SELECT id FROM coins WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %s)"
-                    " ORDER BY task_run LIMIT 1 FOR UPDATE SKIP LOCKED)"
-                    " RETURNING id, task_run, claim, first_pass", (*lease, self._clock()),
-                ).fetchone()
-            return taken and Claim(taken[0], taken[1], 0, taken[2],
-                                   frozenset(tuple(t) for t in taken[3]) if taken[3] is not None else None)
-
-        claim = self._write(work)
-        if claim is not None:
-            with self._held_lock:
-                self._held.add(claim.token)
-        return claim
+        if taken is None:
+            taken = self._execute(
+                f"UPDATE coins SET status = 'running', claim = nextval('claims'), lease_until = {NOW} + %s,"
+                " not_before = NULL WHERE id = ("
+                " SELECT id FROM coins WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %s)"
+                " ORDER BY task_run LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, task_run, claim, first_pass", (*lease, self._clock()),
+            ).fetchone()
+        if taken is None:
+            return None
+        coin_id, task_run, token, first_pass = taken
+        with self._held_lock:
+            self._held.add(token)
+        return Claim(coin_id, task_run, 0, token, frozenset(tuple(t) for t in first_pass) if first_pass else None)
 
     def _let_go(self, claim: Claim) -> None:
         with self._held_lock:
@@ -370,30 +382,35 @@ class PostgresStore(Store):
                 log.warning("renewing %d lease(s) failed: %s", len(held), _reason(exc))
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
-        def work(conn: psycopg.Connection) -> bool:
-            self._lock_state(conn)
-            row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s AND status = %s AND claim = %s"
-                               " FOR UPDATE", (claim.coin_id, RUNNING, claim.token)).fetchone()
-            if row is None:
-                return False
-            current = _record(row)
-            record = finished_record(current, outcome, self._clock())
-            conn.execute(
-                "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
-                " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s, refreshing = FALSE"
-                " WHERE id = %s",
-                (record.status, list(record.exchanges) if record.exchanges is not None else None, record.error,
-                 record.fetched_at, record.tickers, record.total, record.complete, claim.coin_id),
-            )
-            if outcome.status == DONE:
-                conn.execute("UPDATE state SET version = version + 1")
-                if current.refreshing:
-                    self._log_relisted(conn, claim.coin_id)
-            return True
+        """Store the outcome if ``claim`` still holds the coin: two round trips (statements pipelined), the
+        state row first, as every change that moves the listing's version."""
 
-        finished = self._write(work)
-        self._let_go(claim)
-        return finished
+        def work(conn: psycopg.Connection) -> None:
+            with conn.pipeline():
+                conn.execute("UPDATE state SET version = version + %s", (int(outcome.status == DONE),))
+                row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s AND status = %s"
+                                   " AND claim = %s FOR UPDATE", (claim.coin_id, RUNNING, claim.token)).fetchone()
+                if row is None:
+                    raise _StaleClaim
+                current = _record(row)
+                record = finished_record(current, outcome, self._clock())
+                conn.execute(
+                    "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
+                    " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s,"
+                    " refreshing = FALSE WHERE id = %s",
+                    (record.status, list(record.exchanges) if record.exchanges is not None else None,
+                     record.error, record.fetched_at, record.tickers, record.total, record.complete, claim.coin_id),
+                )
+                if outcome.status == DONE and current.refreshing:
+                    self._log_relisted(conn, claim.coin_id)
+
+        try:
+            self._write(work)
+            return True
+        except _StaleClaim:
+            return False
+        finally:
+            self._let_go(claim)
 
     @staticmethod
     def _log_relisted(conn: psycopg.Connection, coin_id: str) -> None:
@@ -405,18 +422,17 @@ class PostgresStore(Store):
             conn.execute("UPDATE state SET relisted_floor = %s", (seq - RELISTED_KEPT,))
 
     def release(self, claim: Claim) -> None:
-        self._write(lambda conn: conn.execute(
-            "UPDATE coins SET status = %s, claim = 0, lease_until = NULL WHERE id = %s AND status = %s"
-            " AND claim = %s", (QUEUED, claim.coin_id, RUNNING, claim.token)))
+        self._execute("UPDATE coins SET status = %s, claim = 0, lease_until = NULL WHERE id = %s AND status = %s"
+                      " AND claim = %s", (QUEUED, claim.coin_id, RUNNING, claim.token))
         self._let_go(claim)
 
     def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
         not_before = self._clock() + seconds
-        deferred = self._write(lambda conn: conn.execute(
+        deferred = self._execute(
             "UPDATE coins SET status = %s, claim = 0, lease_until = NULL, not_before = %s, first_pass = %s"
             " WHERE id = %s AND status = %s AND claim = %s",
             (QUEUED, not_before, Jsonb(sorted(first_pass, key=repr)), claim.coin_id, RUNNING, claim.token),
-        ).rowcount)
+        ).rowcount
         self._let_go(claim)
         return bool(deferred)
 
@@ -426,8 +442,11 @@ class PostgresStore(Store):
         return None if first is None else max(0.0, first - self._clock())
 
     def claim_alive(self, claim: Claim) -> bool:
-        return self._one("SELECT 1 FROM coins WHERE id = %s AND status = %s AND claim = %s",
-                         (claim.coin_id, RUNNING, claim.token)) is not None
+        alive = self._one("SELECT 1 FROM coins WHERE id = %s AND status = %s AND claim = %s",
+                          (claim.coin_id, RUNNING, claim.token)) is not None
+        if not alive:
+            self._let_go(claim)
+        return alive
 
     # -- credits and call slots -------------------------------------------------------------------
 
@@ -436,18 +455,17 @@ class PostgresStore(Store):
         return row[0] if row else 0
 
     def add_credits(self, month: str, count: int) -> None:
-        self._write(lambda conn: conn.execute(
-            "INSERT INTO credits (month, used) VALUES (%s, %s)"
-            " ON CONFLICT (month) DO UPDATE SET used = credits.used + EXCLUDED.used", (month, count)))
+        self._execute("INSERT INTO credits (month, used) VALUES (%s, %s)"
+                      " ON CONFLICT (month) DO UPDATE SET used = credits.used + EXCLUDED.used", (month, count))
 
     def reserve_credit(self, month: str, limit: int | None) -> bool:
         """Count one credit as used now, if ``limit`` allows it (a call that gets no 200 hands it back)."""
         if limit is not None and limit <= 0:
             return False
-        row = self._write(lambda conn: conn.execute(
+        row = self._execute(
             "INSERT INTO credits AS c (month, used) VALUES (%(month)s, 1) ON CONFLICT (month) DO UPDATE"
             " SET used = c.used + 1 WHERE %(limit)s::bigint IS NULL OR c.used < %(limit)s::bigint"
-            " RETURNING used", {"month": month, "limit": limit}).fetchone())
+            " RETURNING used", {"month": month, "limit": limit}).fetchone()
         return row is not None
 
     def credits(self, limit: int | None) -> Credits:
@@ -511,8 +529,8 @@ class PostgresStore(Store):
         return self._one("SELECT version FROM state")[0]
 
     def listing_scope(self) -> str:
-        """The database's own: every process on it gives a version the same ETag."""
-        return "pg" + self._one("SELECT scope FROM state")[0]
+        """The database's own (read at open): every process on it gives a version the same ETag."""
+        return self._scope
 
     def status_counts(self) -> dict[str, int]:
         return dict(self._read("SELECT status, n FROM status_counts"))
@@ -572,11 +590,11 @@ class PostgresStore(Store):
         def work(conn: psycopg.Connection) -> int:
             self._lock_state(conn)
             dropped = conn.execute("SELECT COALESCE(sum(n), 0) FROM status_counts").fetchone()[0]
+            # The log's numbers go on (a process's cursor stays meaningful); its floor moves past what is dropped.
+            conn.execute("UPDATE state SET next_task_run = 1, generation = generation + 1, version = version + 1,"
+                         " relisted_floor = GREATEST(relisted_floor, (SELECT COALESCE(MAX(seq), 0) FROM relisted))")
             conn.execute("TRUNCATE batch_entries, batches, coins, relisted")
             conn.execute("UPDATE status_counts SET n = 0")
-            conn.execute("UPDATE state SET next_task_run = 1, generation = generation + 1,"
-                         " version = version + 1, relisted_floor = 0")
-            conn.execute("SELECT setval('relisted_seq_seq', 1, false)")
             return int(dropped)
 
         return self._write(work)
@@ -584,6 +602,10 @@ class PostgresStore(Store):
     def close(self) -> None:
         self._stop.set()
         self._pool.close()
+
+
+class _StaleClaim(Exception):
+    """The claim no longer holds its coin (cancelled, cleared, or taken over): roll back."""
 
 
 def _record(row: tuple) -> CoinRecord:
@@ -598,24 +620,32 @@ def _reason(exc: BaseException) -> str:
 
 
 class SharedCredits(Credits):
-    """The month's credits counted in the database: a call's credit is taken there first, so that every
-    process together keeps to the limit; a call without a 200 gives it back."""
+    """The month's credits counted in the database, so that every process together keeps to the limit.
+
+    With a limit, a call's credit is taken there before the call (one statement that checks and
+    counts) and a call without a 200 gives it back; without one, a 200 is simply counted."""
 
     def __init__(self, limit: int | None, store: PostgresStore, clock: Callable[[], float] = time.time) -> None:
         super().__init__(limit, ledger=store, clock=clock)
         self._store = store
+        self._counted_early = threading.local()
 
-    def reserve(self) -> bool:
+    def _month_and_limit(self) -> tuple[str, int | None]:
         with self._lock:
             self._roll_month()
-            month, limit = self._month, self.limit
-        return self._store.reserve_credit(month, limit)
+            return self._month, self.limit
+
+    def reserve(self) -> bool:
+        month, limit = self._month_and_limit()
+        self._counted_early.month = month if limit is not None else None
+        return limit is None or self._store.reserve_credit(month, limit)
 
     def settle(self, spent: bool) -> None:
-        if not spent:
-            with self._lock:
-                month = self._month
+        month = getattr(self._counted_early, "month", None)
+        if month is not None and not spent:
             self._store.add_credits(month, -1)
+        elif month is None and spent:
+            self._store.add_credits(self._month_and_limit()[0], 1)
 
     def allow(self, remaining: int) -> None:
         with self._lock:
@@ -637,19 +667,15 @@ class PostgresSlots:
         self._store = store
 
     def take(self, interval: float) -> tuple[float, float, int]:
-        def work(conn: psycopg.Connection) -> tuple[float, float, int]:
-            return conn.execute(
-                f"UPDATE pacing SET next_slot = GREATEST(t.now, next_slot, paused_until) + %(interval)s"
-                f" FROM (SELECT {NOW} AS now) t RETURNING next_slot - %(interval)s, t.now, pauses",
-                {"interval": interval},
-            ).fetchone()
-
-        return self._store._write(work)
+        return self._store._execute(
+            f"UPDATE pacing SET next_slot = GREATEST(t.now, next_slot, paused_until) + %(interval)s"
+            f" FROM (SELECT {NOW} AS now) t RETURNING next_slot - %(interval)s, t.now, pauses",
+            {"interval": interval},
+        ).fetchone()
 
     def pause(self, seconds: float) -> None:
-        self._store._write(lambda conn: conn.execute(
-            f"UPDATE pacing SET paused_until = GREATEST(paused_until, {NOW} + %s), pauses = pauses + 1",
-            (seconds,)))
+        self._store._execute(
+            f"UPDATE pacing SET paused_until = GREATEST(paused_until, {NOW} + %s), pauses = pauses + 1", (seconds,))
 
     def pause_state(self) -> tuple[float, float, int]:
         return self._store._one(f"SELECT {NOW}, paused_until, pauses FROM pacing")

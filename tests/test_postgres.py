@@ -144,11 +144,24 @@ def test_rate_limited_calls_from_two_stores_keep_to_one_limit(pair):
 
 def test_credits_are_shared_and_never_overspent(pair):
     credits = [store.credits(10) for store in pair]
+    assert credits[0].reserve()  # a call in flight on this thread
     granted = in_threads(8, lambda i: sum(credits[i % 2].reserve() for _ in range(5)))
-    assert sum(granted) == 10
-    credits[0].settle(False)  # a call that got no 200 gives its credit back
+    assert sum(granted) == 9
+    credits[0].settle(False)  # it got no 200: its credit goes back
     assert credits[1].reserve() and not credits[0].reserve()
     assert credits[1].state()["used"] == 10 and credits[0].state()["remaining"] == 0
+
+
+def test_without_a_limit_every_200_is_counted_once(pair):
+    credits = [store.credits(None) for store in pair]
+
+    def calls(i: int) -> None:
+        for spent in (True, False, True):
+            assert credits[i % 2].reserve()
+            credits[i % 2].settle(spent)
+
+    in_threads(6, calls)
+    assert credits[0].state() | {"resets": None} == {"used": 12, "limit": None, "remaining": None, "resets": None}
 
 
 def test_a_listing_follows_changes_made_by_another_process(pair, fake):

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import psycopg
 from psycopg import errors
@@ -47,6 +48,7 @@ from store import (
     Outcome,
     Store,
     StoreError,
+    StoreUnavailable,
     SubmitResult,
     finished_record,
     new_batch_id,
@@ -229,12 +231,33 @@ class PostgresStore(Store):
                 conn.execute("UPDATE schema_version SET version = %s", (step + 1,))
                 log.info("COINS_DB %s: schema version %d", self._shown, step + 1)
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection; a server that does not answer is ``StoreUnavailable`` (503 to a client,
+        a retry in a second to the worker), never a driver error."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except TRANSIENT:
+            raise
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            self._drop_broken_connections()
+            raise StoreUnavailable(f"the database {self._shown} does not answer: {_reason(exc)}") from exc
+
+    def _drop_broken_connections(self) -> None:
+        """After a server restart every pooled connection is broken: find them all now, rather than one
+        failed request each."""
+        try:
+            self._pool.check()
+        except Exception as exc:  # the server is still away: the next failure checks again
+            log.debug("checking the pool's connections failed: %s", _reason(exc))
+
     def _write(self, work: Callable[[psycopg.Connection], object], block: bool = True) -> object:
         """Run ``work`` in one transaction (``block``: BEGIN … COMMIT; else one statement that is its own),
         again if PostgreSQL broke a deadlock by aborting it."""
         for attempt in range(RETRIES):
             try:
-                with self._pool.connection() as conn:
+                with self._connection() as conn:
                     if not block:
                         return work(conn)
                     with conn.transaction():
@@ -251,7 +274,7 @@ class PostgresStore(Store):
         return self._write(lambda conn: conn.execute(query, params), block=False)
 
     def _read(self, query: str, params: Sequence = ()) -> list[tuple]:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             return conn.execute(query, params).fetchall()
 
     def _one(self, query: str, params: Sequence = ()):
@@ -318,7 +341,7 @@ class PostgresStore(Store):
         return None if oldest is None else max(0.0, oldest + age - self._clock())
 
     def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             floor = conn.execute("SELECT relisted_floor FROM state").fetchone()[0]
             rows = conn.execute("SELECT seq, coin_id FROM relisted WHERE seq > %s ORDER BY seq",
                                 (cursor,)).fetchall()
@@ -375,7 +398,7 @@ class PostgresStore(Store):
             if not held:
                 continue
             try:
-                with self._pool.connection() as conn:
+                with self._connection() as conn:
                     conn.execute(f"UPDATE coins SET lease_until = {NOW} + %s WHERE status = 'running'"
                                  " AND claim = ANY(%s)", (self.lease_seconds, held))
             except Exception as exc:  # the next round tries again; the lease outlives a few misses
@@ -486,7 +509,7 @@ class PostgresStore(Store):
         return _record(row) if row else None
 
     def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             return self._fetch(conn, coin_ids)
 
     def has_batch(self, batch_id: str) -> bool:
@@ -496,7 +519,7 @@ class PostgresStore(Store):
         listed = "(status = 'done' OR refreshing) AND task_run > %s"
         if batch_id is None:
             return self._read(f"SELECT task_run, id FROM coins WHERE {listed} ORDER BY task_run", (since,))
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             if conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
             return conn.execute(

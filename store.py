@@ -53,6 +53,10 @@ class StoreError(Exception):
     """The store cannot be opened or used (a locked or incompatible file)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's server does not answer now (PostgreSQL down, restarting, or out of connections)."""
+
+
 class BatchNotFound(Exception):
     pass
 

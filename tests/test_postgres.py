@@ -209,3 +209,23 @@ def test_a_schema_from_a_newer_release_is_refused(postgres_url):
         conn.execute("UPDATE coin_retriever.schema_version SET version = 99")
     with pytest.raises(StoreError, match="schema version 99, written by a newer release"):
         PostgresStore(postgres_url)
+
+
+def test_a_database_that_drops_its_connections_gets_a_json_503_then_recovers(postgres_url, fake):
+    import psycopg
+
+    store = PostgresStore(postgres_url)
+    try:
+        app = create_app(Config(api_url=fake.url), store=store, worker=Worker(store, fast_client(fake.url)),
+                         start_worker=False)
+        http = app.test_client()
+        assert http.get("/batches").status_code == 200
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE application_name = 'coin-retriever'")
+        refused = http.get("/batches")
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert refused.get_json()["error"].startswith(f"the database {display_url(postgres_url)} does not answer")
+        assert http.get("/batches").status_code == 200, "the pool replaced the broken connections"
+    finally:
+        store.close()

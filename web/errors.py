@@ -8,7 +8,7 @@ import logging
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from store import BatchClosed, BatchNotFound
+from store import BatchClosed, BatchNotFound, StoreUnavailable
 from web import ApiError
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(ApiError, api_error)
     app.register_error_handler(BatchNotFound, batch_not_found)
     app.register_error_handler(BatchClosed, batch_closed)
+    app.register_error_handler(StoreUnavailable, store_unavailable)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected)
     app.before_request(require_token)
@@ -36,6 +37,11 @@ def batch_not_found(exc: BatchNotFound):
 
 def batch_closed(exc: BatchClosed):
     return jsonify(error=f"batch {exc} is closed (it was sent with last=true): start a new batch"), 409
+
+
+def store_unavailable(exc: StoreUnavailable):
+    log.warning("%s %s: %s", request.method, request.path[:200], exc)
+    return jsonify(error=f"{exc}; try again in a few seconds"), 503, {"Retry-After": "5"}
 
 
 def http_error(exc: HTTPException):

@@ -197,7 +197,7 @@ class PostgresStore(Store):
         try:
             psycopg.connect(conninfo).close()  # the server's own refusal, rather than the pool's time-out
             self._pool.open(wait=True, timeout=connect_timeout + 1)
-            self._migrate()
+            self._scope = "pg" + self._migrate()
         except (psycopg.Error, PoolTimeout) as exc:
             self._pool.close()
             raise StoreError(f"cannot open COINS_DB {self._shown}: {_reason(exc)}") from None
@@ -208,11 +208,11 @@ class PostgresStore(Store):
         self._renewer.start()
         self._exchanges_cache: tuple[int, list[tuple[str, int]]] | None = None
         self._takeover_due = 0.0
-        self._scope = "pg" + self._one("SELECT scope FROM state")[0]
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
+    def _migrate(self) -> str:
+        """Bring the schema up to this release's version; returns the database's scope (for ETags)."""
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
@@ -230,6 +230,7 @@ class PostgresStore(Store):
                 conn.execute(MIGRATIONS[step])
                 conn.execute("UPDATE schema_version SET version = %s", (step + 1,))
                 log.info("COINS_DB %s: schema version %d", self._shown, step + 1)
+            return conn.execute("SELECT scope FROM state").fetchone()[0]
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
@@ -556,7 +557,8 @@ class PostgresStore(Store):
         return self._scope
 
     def status_counts(self) -> dict[str, int]:
-        return dict(self._read("SELECT status, n FROM status_counts"))
+        counts = dict(self._read("SELECT status, n FROM status_counts"))
+        return {status: counts[status] for status in STATUSES}
 
     def queued_up_to(self, task_run: int) -> int:
         return self._one("SELECT count(*) FROM coins WHERE status = 'queued' AND task_run <= %s", (task_run,))[0]

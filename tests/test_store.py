@@ -13,6 +13,7 @@ from store import (
     FAILED,
     INVALID,
     QUEUED,
+    STATUSES,
     BatchClosed,
     BatchNotFound,
     CoinRecord,
@@ -350,3 +351,12 @@ def test_latest_listed_coins_come_highest_taskrun_first(store):
     run_all(store)
     assert store.latest_listed(2) == ["d", "c"]
     assert store.latest_listed(10) == ["d", "c", "b", "a"]
+
+
+def test_status_counts_come_in_the_same_order_on_every_store(store):
+    """The /healthz body shows them as they come: the same order whatever changed last."""
+    store.submit(["a", "b", "c/d"])
+    claim = store.claim_next()
+    store.finish(claim, Outcome.failed("boom"))
+    assert list(store.status_counts()) == list(STATUSES)
+    assert store.status_counts() == {QUEUED: 1, "running": 0, DONE: 0, INVALID: 1, FAILED: 1}

@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="WORKER_CONCURRENCY (default: 4)")
     parser.add_argument("--scale", type=int, default=None, metavar="N",
                         help="instead: every endpoint at N records on each store, beside the same-size floor")
+    parser.add_argument("--stores", default=",".join(STORES), help="which stores, comma-separated (default: all)")
     parser.add_argument("--serve-floor", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         postgres = None if missing else stack.enter_context(throwaway_server())
         if missing:
             log.warning("no PostgreSQL store in this run: %s", missing)
-        stores = [store for store in STORES if store != "postgres" or postgres]
+        stores = [store for store in args.stores.split(",") if store != "postgres" or postgres]
         if args.scale:
             results = [measure_at_scale(store, args.scale, workdir, postgres) for store in stores]
             sys.stdout.write(f"\n{scale_report(results)}\n\nMeasured on {machine}, {_cores()} cores.\n")

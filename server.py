@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -90,6 +91,20 @@ def post_fork(server, worker) -> None:
         os._exit(1)
 
 
+# The cyclic garbage collector's thresholds in a worker. The records are tuples that the collector
+# keeps tracking, so with Python's defaults (700, 10, 10) a POST of 50,000 IDs beside 100,000 stored
+# records triggered full collections that walked every record: half of its time (measured: 270 ms
+# p50 with the defaults, 130 ms with these). The service makes almost no reference cycles.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def post_worker_init(worker) -> None:
+    """gunicorn hook, in a worker with its app loaded: what exists now is never garbage (``gc.freeze``),
+    and the collector runs far less often."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def on_starting(server) -> None:
     """gunicorn hook, in the master before any worker: refuse settings that cannot work (exit 2).
 
@@ -137,7 +152,8 @@ class EmbeddedServer(BaseApplication):
         return create_app(self.service_config)
 
 
-SETTINGS.update(post_fork=post_fork, worker_exit=worker_exit, child_exit=child_exit)
+SETTINGS.update(post_fork=post_fork, post_worker_init=post_worker_init, worker_exit=worker_exit,
+                child_exit=child_exit)
 
 
 def serve(config) -> None:

@@ -516,17 +516,18 @@ class PostgresStore(Store):
     def has_batch(self, batch_id: str) -> bool:
         return self._one("SELECT 1 FROM batches WHERE id = %s", (batch_id,)) is not None
 
-    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+    def listed_ids(self, since: int = 0, batch_id: str | None = None) -> list[str]:
         listed = "(status = 'done' OR refreshing) AND task_run > %s"
         if batch_id is None:
-            return self._read(f"SELECT task_run, id FROM coins WHERE {listed} ORDER BY task_run", (since,))
+            return [row[0] for row in self._read(f"SELECT id FROM coins WHERE {listed} ORDER BY task_run", (since,))]
         with self._connection() as conn, conn.transaction():
             if conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
-            return conn.execute(
-                f"SELECT task_run, id FROM coins WHERE {listed} AND id IN"
+            rows = conn.execute(
+                f"SELECT id FROM coins WHERE {listed} AND id IN"
                 " (SELECT coin_id FROM batch_entries WHERE batch_id = %s) ORDER BY task_run", (since, batch_id),
             ).fetchall()
+        return [row[0] for row in rows]
 
     def latest_listed(self, count: int) -> list[str]:
         return [row[0] for row in self._read(

@@ -356,16 +356,16 @@ class SqliteStore(TalliedStore):
         with self._lock:
             return self._lookup(coin_id)
 
-    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+    def listed_ids(self, since: int = 0, batch_id: str | None = None) -> list[str]:
         with self._lock:
-            index = self._tallies.done_index(since)
+            listed = self._tallies.listed_ids(since)
             if batch_id is None:
-                return index
+                return listed
             if self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
             wanted = {row[0] for row in self._conn.execute(
                 "SELECT coin_id FROM batch_entries WHERE batch_id = ?", (batch_id,))}
-            return [(run, coin_id) for run, coin_id in index if coin_id in wanted]
+            return [coin_id for coin_id in listed if coin_id in wanted]
 
     def _summaries(self, where: str = "", params: tuple = ()) -> list[BatchSummary]:
         summaries = []

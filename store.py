@@ -316,12 +316,55 @@ class SortedRuns:
         return self.runs[bisect.bisect_right(self.runs, run):]
 
 
+class ListedCoins:
+    """The listed coins in taskRun order: sorted runs and, at the same positions, their coin IDs, so that
+    the listing from a taskRun on is two slices (no dictionary of 100,000 entries to keep or walk)."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+        self.ids: list[str] = []
+
+    def _find(self, run: int) -> int | None:
+        index = bisect.bisect_left(self.runs, run)
+        return index if index < len(self.runs) and self.runs[index] == run else None
+
+    def __contains__(self, run: int) -> bool:
+        return self._find(run) is not None
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def add(self, run: int, coin_id: str) -> None:
+        """Usually an append: coins mostly finish in taskRun order."""
+        if not self.runs or run > self.runs[-1]:
+            self.runs.append(run)
+            self.ids.append(coin_id)
+            return
+        index = bisect.bisect_left(self.runs, run)
+        self.runs.insert(index, run)
+        self.ids.insert(index, coin_id)
+
+    def remove(self, run: int) -> None:
+        index = self._find(run)
+        if index is not None:
+            del self.runs[index], self.ids[index]
+
+    def coin(self, run: int) -> str:
+        index = self._find(run)
+        if index is None:
+            raise KeyError(run)
+        return self.ids[index]
+
+    def ids_after(self, run: int) -> list[str]:
+        return self.ids[bisect.bisect_right(self.runs, run):]
+
+
 class Tallies:
     """Counts kept as the data changes, so that no request scans the store.
 
     A store that owns its data (in memory, or one process on an SQLite file) tells its
     Tallies of every change; then the status counts cost O(1), a batch's counts O(1), a
-    coin's place in the queue and a batch's last queued coin O(log n), and the done index
+    coin's place in the queue and a batch's last queued coin O(log n), and the listing
     is a slice. The owner's lock guards it: a Tallies takes none of its own.
     """
 
@@ -331,8 +374,7 @@ class Tallies:
         self._batch_queued: dict[str, list[int]] = {}
         self._coin_batches: dict[str, list[str]] = {}
         self._queued = SortedRuns()
-        self._done = SortedRuns()
-        self._done_coin: dict[int, str] = {}
+        self._listed = ListedCoins()
         self._exchanges: dict[str, SortedRuns] = {}
         self._run_exchanges: dict[int, tuple[str, ...]] = {}
         self._fetched_at: dict[int, float] = {}
@@ -384,7 +426,7 @@ class Tallies:
 
     def list_coin(self, coin_id: str, task_run: int, exchanges: Iterable[str], fetched_at: float | None) -> None:
         """A retrieval landed: the coin is listed with these exchanges (in place of any it had)."""
-        if task_run in self._done_coin:
+        if task_run in self._listed:
             self._unlist_exchanges(task_run)
             self._relisted.append(coin_id)
             if len(self._relisted) > RELISTED_KEPT:
@@ -392,8 +434,7 @@ class Tallies:
                 del self._relisted[:dropped]
                 self._relisted_base += dropped
         else:
-            self._done.add(task_run)
-            self._done_coin[task_run] = coin_id
+            self._listed.add(task_run, coin_id)
         self._run_exchanges[task_run] = tuple(exchanges)
         for exchange in self._run_exchanges[task_run]:
             self._exchanges.setdefault(exchange, SortedRuns()).add(task_run)
@@ -406,10 +447,9 @@ class Tallies:
             heapq.heappush(self._by_age, (fetched_at, task_run))
 
     def unlist(self, task_run: int) -> None:
-        if task_run not in self._done_coin:
+        if task_run not in self._listed:
             return
-        self._done.remove(task_run)
-        del self._done_coin[task_run]
+        self._listed.remove(task_run)
         self._fetched_at.pop(task_run, None)
         self._unlist_exchanges(task_run)
 
@@ -421,7 +461,7 @@ class Tallies:
                 del self._exchanges[exchange]
 
     def listed_coin(self, task_run: int) -> str:
-        return self._done_coin[task_run]
+        return self._listed.coin(task_run)
 
     def oldest_listed(self, before: float) -> int | None:
         """The taskRun of the listed coin fetched longest ago, if before ``before``; it leaves the age heap
@@ -451,7 +491,7 @@ class Tallies:
 
     def exchange_coins(self, exchange: str) -> list[str] | None:
         runs = self._exchanges.get(exchange)
-        return None if runs is None else [self._done_coin[run] for run in runs.runs]
+        return None if runs is None else [self._listed.coin(run) for run in runs.runs]
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -499,12 +539,12 @@ class Tallies:
     def queued_up_to(self, task_run: int) -> int:
         return self._queued.up_to(task_run)
 
-    def done_index(self, since: int = 0) -> list[tuple[int, str]]:
-        return [(run, self._done_coin[run]) for run in self._done.after(since)]
+    def listed_ids(self, since: int = 0) -> list[str]:
+        return self._listed.ids_after(since)
 
     def latest_listed(self, count: int) -> list[str]:
         """The ``count`` listed coins with the highest taskRuns, highest first."""
-        return [self._done_coin[run] for run in reversed(self._done.runs[-count:])]
+        return self._listed.ids[-count:][::-1] if count > 0 else []
 
 
 class Store(ABC):
@@ -579,8 +619,9 @@ class Store(ABC):
     def record(self, coin_id: str) -> CoinRecord | None: ...
 
     @abstractmethod
-    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
-        """(taskRun, coin) of the done coins with taskRun > ``since``, sorted. Raises BatchNotFound."""
+    def listed_ids(self, since: int = 0, batch_id: str | None = None) -> list[str]:
+        """The listed coins (done, or being fetched again) with taskRun > ``since``, in taskRun order; with
+        ``batch_id``, only that batch's. Raises BatchNotFound."""
 
     @abstractmethod
     def latest_listed(self, count: int) -> list[str]:
@@ -869,16 +910,16 @@ class MemoryStore(TalliedStore):
         with self._lock:
             return self._coins.get(coin_id)
 
-    def done_index(self, since: int = 0, batch_id: str | None = None) -> list[tuple[int, str]]:
+    def listed_ids(self, since: int = 0, batch_id: str | None = None) -> list[str]:
         with self._lock:
-            index = self._tallies.done_index(since)
+            listed = self._tallies.listed_ids(since)
             if batch_id is None:
-                return index
+                return listed
             batch = self._batches.get(batch_id)
             if batch is None:
                 raise BatchNotFound(batch_id)
             wanted = {entry.coin_id for entry in batch.entries}
-            return [(run, coin_id) for run, coin_id in index if coin_id in wanted]
+            return [coin_id for coin_id in listed if coin_id in wanted]
 
     def _summary(self, batch: _MemoryBatch) -> BatchSummary:
         counted = self._tallies.batch_counts(batch.id)

@@ -430,7 +430,7 @@ def counted(store, method: str) -> list:
 
 
 def test_an_unchanged_listing_is_not_rebuilt(make_app, store):
-    index_calls, record_reads = counted(store, "done_index"), counted(store, "records")
+    index_calls, record_reads = counted(store, "listed_ids"), counted(store, "records")
 
     def read() -> list[str]:
         return [coin_id for (ids,) in record_reads for coin_id in ids]

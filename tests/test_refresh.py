@@ -113,4 +113,4 @@ def test_refresh_after_takes_the_oldest_record_once_the_queue_is_empty(clocked_s
     assert store.record("tether").fetched_at == clock.now
     clock.now += 10
     assert worker.refresh_stale() and store.record("ethereum").refreshing
-    assert [coin_id for _, coin_id in store.done_index()] == ["tether", "ethereum", "bitcoin"]
+    assert store.listed_ids() == ["tether", "ethereum", "bitcoin"]

@@ -28,7 +28,7 @@ STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
 
 def done(store, since: int = 0, batch_id: str | None = None) -> list:
     """The done records, in the order of the store's index."""
-    return [store.record(coin_id) for _, coin_id in store.done_index(since, batch_id)]
+    return [store.record(coin_id) for coin_id in store.listed_ids(since, batch_id)]
 
 
 def run_all(store, exchanges_of=lambda coin: [f"{coin}-ex"]) -> list[str]:
@@ -158,7 +158,7 @@ def test_batch_filter_lists_a_batchs_done_coins(store):
     assert [r.id for r in done(store, batch_id=second.batch)] == ["b", "c"]
     assert [r.id for r in done(store, since=2, batch_id=second.batch)] == ["c"]
     with pytest.raises(BatchNotFound):
-        store.done_index(batch_id="nope")
+        store.listed_ids(batch_id="nope")
 
 
 def test_delete_batch_cancels_only_its_unwanted_queued_and_running_coins(store):
@@ -201,17 +201,17 @@ def test_release_puts_a_coin_back_in_order(store):
     assert run_all(store) == ["a", "b"]
 
 
-def test_done_index_and_generation(store):
+def test_listed_ids_and_generation(store):
     first_generation = store.generation()
     store.submit(["a", "b", "c"])
     claims = [store.claim_next() for _ in range(3)]
     store.finish(claims[2], Outcome.done([]))
     store.finish(claims[0], Outcome.done([]))
     store.finish(claims[1], Outcome.failed("boom"))
-    assert store.done_index() == [(1, "a"), (3, "c")]
+    assert store.listed_ids() == ["a", "c"] and store.listed_ids(1) == ["c"] and store.listed_ids(3) == []
     assert store.generation() == first_generation
     store.clear()
-    assert store.done_index() == [] and store.generation() != first_generation
+    assert store.listed_ids() == [] and store.generation() != first_generation
 
 
 def test_listing_version_moves_when_the_listing_can_change(store):
@@ -340,7 +340,7 @@ def test_kept_counts_agree_with_a_recount_after_every_change(tmp_path):
             summaries = [(s.counts, s.last_queued_task_run, s.closed) for s in store.batches()]
             for counted, _, _ in summaries:
                 assert counted["submitted"] == sum(counted[k] for k in STATUS_KEYS + ("duplicates",))
-            answers.append((counts, summaries, store.done_index()))
+            answers.append((counts, summaries, store.listed_ids()))
         assert answers[0] == answers[1], (step, action)
     for store in stores:
         store.close()

@@ -147,8 +147,8 @@ class CoinListing:
             self._relisted_cursor = 0
 
     def body(self, since: int, batch: str | None) -> bytes:
-        return self._cached(("json", since, batch), lambda: b'{"coins":[' + b",".join(
-            self._fragments_of(self._store.generation(), since, batch)) + b"]}")
+        return self._cached(("json", since, batch), lambda: json_array(
+            b'{"coins":[', self._fragments_of(self._store.generation(), since, batch), b"]}"))
 
     def csv_body(self, since: int, batch: str | None) -> bytes:
         """``id,taskRun,exchange``: a row per coin and exchange (one with the exchange empty for none)."""
@@ -186,7 +186,7 @@ class CoinListing:
         return body
 
     def _fragments_of(self, generation: int, since: int, batch: str | None, form: str = "json") -> list[bytes]:
-        index = self._store.done_index(since, batch)
+        listed = self._store.listed_ids(since, batch)
         relisted, cursor = self._store.relisted_since(self._relisted_cursor)
         with self._lock:
             if generation != self._fragments_generation or relisted is None:
@@ -197,7 +197,10 @@ class CoinListing:
                     cached.pop(coin_id, None)
             self._relisted_cursor = max(self._relisted_cursor, cursor)
             known = self._fragments[form]
-            missing = [coin_id for _, coin_id in index if coin_id not in known]
+            fragments = list(map(known.get, listed))
+        if None not in fragments:
+            return fragments
+        missing = [coin_id for coin_id, fragment in zip(listed, fragments, strict=True) if fragment is None]
         encode, new = ENCODERS[form], {}
         for record in self._store.records(missing):
             if record.listed:
@@ -206,10 +209,22 @@ class CoinListing:
         with self._lock:
             if still_current and self._fragments_generation == generation:
                 self._fragments[form].update(new)
-        return [fragment for _, coin_id in index if (fragment := known.get(coin_id) or new.get(coin_id))]
+        return [fragment for coin_id, known_fragment in zip(listed, fragments, strict=True)
+                if (fragment := known_fragment or new.get(coin_id))]
 
 
 CSV_HEADER = b"id,taskRun,exchange\r\n"
+
+
+def json_array(prefix: bytes, fragments: list[bytes], suffix: bytes) -> bytes:
+    """``prefix`` + the fragments separated by commas + ``suffix``, copied once (a 34 MB listing is
+    built in one pass, not joined and then concatenated again)."""
+    if not fragments:
+        return prefix + suffix
+    parts = [b","] * (2 * len(fragments) + 1)
+    parts[0], parts[-1] = prefix, suffix
+    parts[1:-1:2] = fragments
+    return b"".join(parts)
 
 
 def encode_csv(record: CoinRecord) -> bytes:

@@ -303,8 +303,13 @@ class CoinGeckoClient:
         with self._stats_lock:
             self._calls += 1
             self._call_times.append(now)
-            while self._call_times and self._call_times[0] < now - 60.0:
-                self._call_times.popleft()
+            self._forget_calls_before(now - 60.0)
+
+    def _forget_calls_before(self, moment: float) -> None:
+        """Keep only the last minute's call times (the stats lock is held): then what is left is the count."""
+        times = self._call_times
+        while times and times[0] < moment:
+            times.popleft()
 
     def calls_by_this_thread(self) -> int:
         """Upstream calls the calling thread has made: what one coin cost, under concurrency."""
@@ -312,17 +317,18 @@ class CoinGeckoClient:
 
     def measured_rate(self) -> float | None:
         """Calls a second over the calls of the last minute; None with fewer than two of them."""
-        now = self._clock()
         with self._stats_lock:
-            recent = [t for t in self._call_times if t >= now - 60.0]
-        if len(recent) < 2 or recent[-1] <= recent[0]:
+            self._forget_calls_before(self._clock() - 60.0)
+            count = len(self._call_times)
+            span = self._call_times[-1] - self._call_times[0] if count else 0.0
+        if count < 2 or span <= 0:
             return None
-        return (len(recent) - 1) / (recent[-1] - recent[0])
+        return (count - 1) / span
 
     def stats(self) -> dict[str, float]:
-        now = self._clock()
         with self._stats_lock:
-            recent = sum(1 for t in self._call_times if t >= now - 60.0)
+            self._forget_calls_before(self._clock() - 60.0)
+            recent = len(self._call_times)
             return {"calls": self._calls, "rate_limited": self._rate_limited, "calls_last_minute": recent}
 
     # -- one call ---------------------------------------------------------------------------

@@ -281,7 +281,8 @@ class SqliteStore(TalliedStore):
             if updated:
                 self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, record.status)
                 if outcome.status == DONE:
-                    self._tallies.list_coin(record.id, record.task_run, record.exchanges, record.fetched_at)
+                    self._tallies.list_coin(record.id, record.task_run, record.exchanges, record.fetched_at,
+                                            current.exchanges or ())
                     self._version += 1
                 elif record.status == DONE:
                     self._tallies.aged(record.task_run, record.fetched_at)
@@ -289,7 +290,7 @@ class SqliteStore(TalliedStore):
 
     def refresh_oldest(self, age: float) -> str | None:
         with self._lock, self._transaction() as conn:
-            while (run := self._tallies.oldest_listed(self._clock() - age)) is not None:
+            while (run := self._ages().oldest_listed(self._clock() - age, self._refreshable_since)) is not None:
                 record = self._lookup(self._tallies.listed_coin(run))
                 if record.status == DONE and not record.refreshing:
                     conn.execute("UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
@@ -297,6 +298,18 @@ class SqliteStore(TalliedStore):
                     self._tallies.coin_changed(record.id, record.task_run, DONE, QUEUED)
                     return record.id
             return None
+
+    def _refreshable_ages(self) -> list[tuple[float, int]]:
+        return self._conn.execute(
+            "SELECT fetched_at, task_run FROM coins WHERE status = ? AND refreshing = 0 AND fetched_at IS NOT NULL",
+            (DONE,),
+        ).fetchall()
+
+    def _refreshable_since(self, task_run: int) -> float | None:
+        row = self._conn.execute(
+            "SELECT fetched_at FROM coins WHERE task_run = ? AND status = ? AND refreshing = 0", (task_run, DONE)
+        ).fetchone()
+        return row[0] if row else None
 
     def release(self, claim: Claim) -> None:
         with self._lock, self._transaction() as conn:

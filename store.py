@@ -26,6 +26,7 @@ import threading
 import time
 import unicodedata
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -280,23 +281,35 @@ def new_batch_id() -> str:
 
 
 COUNT_KEYS = ("submitted", *STATUSES, "duplicates")
+NARROW_RUN_MAX = 2**32 - 1
 RELISTED_KEPT = 4096
 
 
 class SortedRuns:
-    """A sorted list of taskRun numbers: insertion, removal and rank by bisection."""
+    """A sorted array of taskRun numbers: insertion, removal and rank by bisection.
+
+    Four bytes a number (an array, not a list of int objects): the exchange index holds one
+    for every (coin, exchange), a million and a half at 100,000 coins. A number past 2^32
+    widens the array to eight bytes."""
 
     def __init__(self) -> None:
-        self.runs: list[int] = []
+        self.runs = array("I")
+
+    def _fit(self, run: int) -> None:
+        if run > NARROW_RUN_MAX and self.runs.typecode == "I":
+            self.runs = array("q", self.runs)
 
     def add(self, run: int) -> None:
+        self._fit(run)
         bisect.insort(self.runs, run)
 
     def add_all(self, runs: list[int]) -> None:
         """Add many: an append when they all come after the last (new coins do), else a merge."""
         runs = sorted(runs)
+        if runs:
+            self._fit(runs[-1])
         if runs and self.runs and runs[0] < self.runs[-1]:
-            self.runs = sorted(self.runs + runs)
+            self.runs = array(self.runs.typecode, sorted([*self.runs, *runs]))
         else:
             self.runs.extend(runs)
 
@@ -313,7 +326,7 @@ class SortedRuns:
         return bisect.bisect_right(self.runs, run)
 
     def after(self, run: int) -> list[int]:
-        return self.runs[bisect.bisect_right(self.runs, run):]
+        return self.runs[bisect.bisect_right(self.runs, run):].tolist()
 
 
 class ListedCoins:
@@ -372,13 +385,12 @@ class Tallies:
         self.by_status = dict.fromkeys(STATUSES, 0)
         self._batches: dict[str, dict[str, int]] = {}
         self._batch_queued: dict[str, list[int]] = {}
-        self._coin_batches: dict[str, list[str]] = {}
+        # A coin's batches: the batch itself for nearly every coin (one string is far smaller than a list).
+        self._coin_batches: dict[str, str | list[str]] = {}
         self._queued = SortedRuns()
         self._listed = ListedCoins()
         self._exchanges: dict[str, SortedRuns] = {}
-        self._run_exchanges: dict[int, tuple[str, ...]] = {}
-        self._fetched_at: dict[int, float] = {}
-        self._by_age: list[tuple[float, int]] = []
+        self._by_age: list[tuple[float, int]] | None = None
         self._relisted: list[str] = []
         self._relisted_base = 0
 
@@ -400,19 +412,22 @@ class Tallies:
         self.by_status[new] += 1
         self._leave(task_run, old)
         self._enter(coin_id, task_run, new)
-        for batch_id in self._coin_batches.get(coin_id, ()):
+        for batch_id in self._batches_of(coin_id):
             counts = self._batches[batch_id]
             counts[old] -= 1
             counts[new] += 1
             if new == QUEUED:
-                heapq.heappush(self._batch_queued[batch_id], -task_run)
+                bisect.insort(self._batch_queued[batch_id], task_run)
 
     def coin_removed(self, coin_id: str, task_run: int, status: str) -> None:
         """A coin is forgotten; call ``batch_removed`` first for the batches that held it."""
         self.by_status[status] -= 1
         self._leave(task_run, status)
         self._coin_batches.pop(coin_id, None)
-        self.unlist(task_run)
+
+    def _batches_of(self, coin_id: str) -> tuple[str, ...] | list[str]:
+        held = self._coin_batches.get(coin_id, ())
+        return (held,) if isinstance(held, str) else held
 
     def _enter(self, coin_id: str, task_run: int, status: str) -> None:
         if status == QUEUED:
@@ -424,10 +439,11 @@ class Tallies:
 
     # -- the listing: done coins, and done ones being fetched again -----------------------------------
 
-    def list_coin(self, coin_id: str, task_run: int, exchanges: Iterable[str], fetched_at: float | None) -> None:
-        """A retrieval landed: the coin is listed with these exchanges (in place of any it had)."""
+    def list_coin(self, coin_id: str, task_run: int, exchanges: Iterable[str], fetched_at: float | None,
+                  previous: Iterable[str] = ()) -> None:
+        """A retrieval landed: the coin is listed with ``exchanges``, in place of ``previous`` if it was listed."""
         if task_run in self._listed:
-            self._unlist_exchanges(task_run)
+            self._unlist_exchanges(task_run, previous)
             self._relisted.append(coin_id)
             if len(self._relisted) > RELISTED_KEPT:
                 dropped = len(self._relisted) // 2
@@ -435,49 +451,53 @@ class Tallies:
                 self._relisted_base += dropped
         else:
             self._listed.add(task_run, coin_id)
-        self._run_exchanges[task_run] = tuple(exchanges)
-        for exchange in self._run_exchanges[task_run]:
+        for exchange in exchanges:
             self._exchanges.setdefault(exchange, SortedRuns()).add(task_run)
         self.aged(task_run, fetched_at)
 
-    def aged(self, task_run: int, fetched_at: float | None) -> None:
-        """(Again) a candidate for a refresh by age: ``fetched_at`` is when its listed retrieval landed."""
-        if fetched_at is not None:
-            self._fetched_at[task_run] = fetched_at
-            heapq.heappush(self._by_age, (fetched_at, task_run))
-
-    def unlist(self, task_run: int) -> None:
-        if task_run not in self._listed:
-            return
-        self._listed.remove(task_run)
-        self._fetched_at.pop(task_run, None)
-        self._unlist_exchanges(task_run)
-
-    def _unlist_exchanges(self, task_run: int) -> None:
-        for exchange in self._run_exchanges.pop(task_run, ()):
-            runs = self._exchanges[exchange]
+    def _unlist_exchanges(self, task_run: int, exchanges: Iterable[str]) -> None:
+        for exchange in exchanges:
+            runs = self._exchanges.get(exchange)
+            if runs is None:
+                continue
             runs.remove(task_run)
             if not runs.runs:
                 del self._exchanges[exchange]
 
-    def listed_coin(self, task_run: int) -> str:
-        return self._listed.coin(task_run)
+    # -- refresh by age: built the first time it is asked for (only REFRESH_AFTER asks) -------------------
 
-    def oldest_listed(self, before: float) -> int | None:
+    @property
+    def tracking_ages(self) -> bool:
+        return self._by_age is not None
+
+    def track_ages(self, ages: Iterable[tuple[float, int]]) -> None:
+        """Start keeping the age heap, from (fetched_at, taskRun) of every coin that may be refreshed."""
+        self._by_age = list(ages)
+        heapq.heapify(self._by_age)
+
+    def aged(self, task_run: int, fetched_at: float | None) -> None:
+        """(Again) a candidate for a refresh by age: ``fetched_at`` is when its listed retrieval landed."""
+        if self._by_age is not None and fetched_at is not None:
+            heapq.heappush(self._by_age, (fetched_at, task_run))
+
+    def oldest_listed(self, before: float, current: Callable[[int], float | None]) -> int | None:
         """The taskRun of the listed coin fetched longest ago, if before ``before``; it leaves the age heap
-        (``aged`` puts it back)."""
-        self._drop_stale_ages()
+        (``aged`` puts it back). ``current(run)`` is the run's fetched_at if it may be refreshed now."""
+        self._drop_stale_ages(current)
         if self._by_age and self._by_age[0][0] < before:
             return heapq.heappop(self._by_age)[1]
         return None
 
-    def oldest_fetched_at(self) -> float | None:
-        self._drop_stale_ages()
+    def oldest_fetched_at(self, current: Callable[[int], float | None]) -> float | None:
+        self._drop_stale_ages(current)
         return self._by_age[0][0] if self._by_age else None
 
-    def _drop_stale_ages(self) -> None:
-        while self._by_age and self._fetched_at.get(self._by_age[0][1]) != self._by_age[0][0]:
+    def _drop_stale_ages(self, current: Callable[[int], float | None]) -> None:
+        while self._by_age and current(self._by_age[0][1]) != self._by_age[0][0]:
             heapq.heappop(self._by_age)
+
+    def listed_coin(self, task_run: int) -> str:
+        return self._listed.coin(task_run)
 
     def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
         """Coins listed again (refreshed) since ``cursor``; None when the log no longer reaches back that far."""
@@ -511,28 +531,36 @@ class Tallies:
             else:
                 status = status_of(entry.coin_id)
                 counts[status] += 1
-                coin_batches.setdefault(entry.coin_id, []).append(batch_id)
+                held = coin_batches.get(entry.coin_id)
+                if held is None:
+                    coin_batches[entry.coin_id] = batch_id
+                elif isinstance(held, str):
+                    coin_batches[entry.coin_id] = [held, batch_id]
+                else:
+                    held.append(batch_id)
                 if status == QUEUED:
-                    queued.append(-entry.task_run)
-        heapq.heapify(queued)
+                    queued.append(entry.task_run)
+        queued.sort()
 
     def batch_removed(self, batch_id: str, entries: Iterable[BatchEntry]) -> None:
         del self._batches[batch_id], self._batch_queued[batch_id]
         for entry in entries:
             if entry.kind != COIN:
                 continue
-            batches = self._coin_batches.get(entry.coin_id)
-            if batches and batch_id in batches:
-                batches.remove(batch_id)
-                if not batches:
-                    del self._coin_batches[entry.coin_id]
+            held = self._coin_batches.get(entry.coin_id)
+            if held == batch_id:
+                del self._coin_batches[entry.coin_id]
+            elif isinstance(held, list) and batch_id in held:
+                held.remove(batch_id)
+                if len(held) == 1:
+                    self._coin_batches[entry.coin_id] = held[0]
 
     def batch_counts(self, batch_id: str) -> BatchCounts:
         """The batch's counts, and its last queued coin's taskRun (for its ETA)."""
         queued = self._batch_queued[batch_id]
-        while queued and -queued[0] not in self._queued:
-            heapq.heappop(queued)
-        return BatchCounts(dict(self._batches[batch_id]), -queued[0] if queued else None)
+        while queued and queued[-1] not in self._queued:
+            queued.pop()
+        return BatchCounts(dict(self._batches[batch_id]), queued[-1] if queued else None)
 
     # -- the queue and the done index -----------------------------------------------------------
 
@@ -724,8 +752,22 @@ class TalliedStore(Store):
 
     def seconds_until_stale(self, age: float) -> float | None:
         with self._lock:
-            oldest = self._tallies.oldest_fetched_at()
+            oldest = self._ages().oldest_fetched_at(self._refreshable_since)
             return None if oldest is None else max(0.0, oldest + age - self._clock())
+
+    def _ages(self) -> Tallies:
+        """The tallies, with their age heap built (the lock is held)."""
+        if not self._tallies.tracking_ages:
+            self._tallies.track_ages(self._refreshable_ages())
+        return self._tallies
+
+    @abstractmethod
+    def _refreshable_ages(self) -> Iterable[tuple[float, int]]:
+        """(fetched_at, taskRun) of every done coin not being fetched again (the lock is held)."""
+
+    @abstractmethod
+    def _refreshable_since(self, task_run: int) -> float | None:
+        """``task_run``'s fetched_at if it is done and not being fetched again, else None (the lock is held)."""
 
     def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
         with self._lock:
@@ -805,12 +847,23 @@ class MemoryStore(TalliedStore):
 
     def refresh_oldest(self, age: float) -> str | None:
         with self._lock:
-            while (run := self._tallies.oldest_listed(self._clock() - age)) is not None:
+            while (run := self._ages().oldest_listed(self._clock() - age, self._refreshable_since)) is not None:
                 record = self._coins[self._tallies.listed_coin(run)]
                 if record.status == DONE and not record.refreshing:
                     self._queue_refresh(record)
                     return record.id
             return None
+
+    def _refreshable_ages(self) -> Iterable[tuple[float, int]]:
+        return [(record.fetched_at, record.task_run) for record in self._coins.values()
+                if record.status == DONE and not record.refreshing and record.fetched_at is not None]
+
+    def _refreshable_since(self, task_run: int) -> float | None:
+        try:
+            record = self._coins.get(self._tallies.listed_coin(task_run))
+        except KeyError:
+            return None
+        return record.fetched_at if record and record.status == DONE and not record.refreshing else None
 
     def _open_batch(self, batch_id: str | None) -> _MemoryBatch | None:
         if batch_id is None:
@@ -892,7 +945,8 @@ class MemoryStore(TalliedStore):
             del self._claims[claim.coin_id]
             self._first_pass.pop(claim.coin_id, None)
             if outcome.status == DONE:
-                self._tallies.list_coin(finished.id, finished.task_run, finished.exchanges, finished.fetched_at)
+                self._tallies.list_coin(finished.id, finished.task_run, finished.exchanges, finished.fetched_at,
+                                        record.exchanges or ())
                 self._version += 1
             elif finished.refreshing is False and finished.status == DONE:
                 self._tallies.aged(finished.task_run, finished.fetched_at)

@@ -360,3 +360,16 @@ def test_status_counts_come_in_the_same_order_on_every_store(store):
     store.finish(claim, Outcome.failed("boom"))
     assert list(store.status_counts()) == list(STATUSES)
     assert store.status_counts() == {QUEUED: 1, "running": 0, DONE: 0, INVALID: 1, FAILED: 1}
+
+
+def test_sorted_runs_keep_order_and_widen_past_four_bytes():
+    from store import SortedRuns
+
+    runs = SortedRuns()
+    runs.add_all([9, 3, 7])
+    runs.add(5)
+    runs.add(2**40)
+    runs.add_all([1, 2**33])
+    runs.remove(7)
+    assert list(runs.runs) == [1, 3, 5, 9, 2**33, 2**40] and runs.runs.typecode == "q"
+    assert 2**40 in runs and 7 not in runs and runs.up_to(9) == 4 and runs.after(5) == [9, 2**33, 2**40]

@@ -39,6 +39,7 @@ from store import (
     finished_record,
     new_batch_id,
     plan_submission,
+    stored_id,
 )
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,21 @@ class SqliteStore(TalliedStore):
     def _set_counter(self, name: str, value: int) -> None:
         self._conn.execute("UPDATE counters SET value = ? WHERE name = ?", (value, name))
 
+    def _fetch(self, coin_ids) -> list[CoinRecord]:
+        """The records of ``coin_ids`` that exist: one query per few hundred IDs, not one per ID."""
+        coin_ids = list(coin_ids)
+        found = []
+        for start in range(0, len(coin_ids), FETCH_CHUNK):
+            chunk = coin_ids[start:start + FETCH_CHUNK]
+            found += self._conn.execute(
+                f"SELECT {RECORD_COLUMNS} FROM coins WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
+        return [_row_to_record(row) for row in found]
+
+    def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
+        with self._lock:
+            return self._fetch(coin_ids)
+
     def _lookup(self, coin_id: str) -> CoinRecord | None:
         row = self._conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ?", (coin_id,)).fetchone()
         return _row_to_record(row) if row else None
@@ -205,7 +221,8 @@ class SqliteStore(TalliedStore):
                 )
                 self._set_counter("next_batch_position", position + 1)
                 self._tallies.batch_added(batch_id)
-            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), self._lookup, refresh)
+            known = {record.id: record for record in self._fetch({stored_id(coin_id) for coin_id in coin_ids})}
+            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), known.get, refresh)
             conn.executemany(
                 "UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
                 [(QUEUED, coin_id) for coin_id in plan.refreshed],
@@ -482,3 +499,4 @@ def _lock_exclusively(path: str, wait: float):
 
 
 MEMORY_PATH = ":memory:"
+FETCH_CHUNK = 500

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from flask import Blueprint, Response, jsonify, request
@@ -198,19 +199,31 @@ class CoinListing:
             self._relisted_cursor = max(self._relisted_cursor, cursor)
             known = self._fragments[form]
             fragments = list(map(known.get, listed))
-        if None not in fragments:
+        gaps = list(_positions_of_none(fragments))
+        if not gaps:
             return fragments
-        missing = [coin_id for coin_id, fragment in zip(listed, fragments, strict=True) if fragment is None]
         encode, new = ENCODERS[form], {}
-        for record in self._store.records(missing):
+        for record in self._store.records([listed[i] for i in gaps]):
             if record.listed:
                 new[record.id] = encode(record)
         still_current = self._store.generation() == generation
         with self._lock:
             if still_current and self._fragments_generation == generation:
                 self._fragments[form].update(new)
-        return [fragment for coin_id, known_fragment in zip(listed, fragments, strict=True)
-                if (fragment := known_fragment or new.get(coin_id))]
+        for i in gaps:
+            fragments[i] = new.get(listed[i])
+        return fragments if len(new) == len(gaps) else [fragment for fragment in fragments if fragment is not None]
+
+
+def _positions_of_none(items: list) -> Iterator[int]:
+    """Where ``items`` holds None, found at C speed (a rebuild after one refresh has one gap in 100,000)."""
+    position = -1
+    while True:
+        try:
+            position = items.index(None, position + 1)
+        except ValueError:
+            return
+        yield position
 
 
 CSV_HEADER = b"id,taskRun,exchange\r\n"

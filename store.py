@@ -27,7 +27,7 @@ import time
 import unicodedata
 from abc import ABC, abstractmethod
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -824,7 +824,7 @@ class MemoryStore(TalliedStore):
                 heapq.heappush(self._queue, (record.task_run, coin_id))
             for coin_id in plan.refreshed:
                 self._queue_refresh(self._coins[coin_id])
-            batch.entries.extend(plan.entries)
+            batch.add(plan.entries)
             self._tallies.entries_added(batch.id, plan.entries, lambda coin_id: self._coins[coin_id].status)
             batch.closed = batch.closed or close
             self._next_task_run = plan.next_task_run
@@ -972,7 +972,7 @@ class MemoryStore(TalliedStore):
             batch = self._batches.get(batch_id)
             if batch is None:
                 raise BatchNotFound(batch_id)
-            wanted = {entry.coin_id for entry in batch.entries}
+            wanted = set(batch.coin_ids)
             return [coin_id for coin_id in listed if coin_id in wanted]
 
     def _summary(self, batch: _MemoryBatch) -> BatchSummary:
@@ -993,10 +993,10 @@ class MemoryStore(TalliedStore):
             batch = self._batches.pop(batch_id, None)
             if batch is None:
                 raise BatchNotFound(batch_id)
-            self._tallies.batch_removed(batch_id, batch.entries)
-            wanted = {entry.coin_id for other in self._batches.values() for entry in other.entries}
+            self._tallies.batch_removed(batch_id, batch.entries())
+            wanted = {coin_id for other in self._batches.values() for coin_id in other.coin_ids}
             cancelled = []
-            for entry in batch.entries:
+            for entry in batch.entries():
                 record = self._coins.get(entry.coin_id)
                 if (entry.kind == COIN and record and record.status in (QUEUED, RUNNING)
                         and (entry.coin_id not in wanted or record.refreshing)):
@@ -1036,12 +1036,31 @@ class MemoryStore(TalliedStore):
         """Nothing to release: the records go with the process."""
 
 
+KIND_CODES = {COIN: 0, DUPLICATE: 1, MALFORMED: 2}
+KINDS = tuple(KIND_CODES)
+
+
 @dataclass
 class _MemoryBatch:
+    """A batch's entries in three parallel columns (IDs, taskRuns, kinds): about 17 bytes an entry
+    rather than a tuple's 88."""
+
     id: str
     created: float
     closed: bool = False
-    entries: list[BatchEntry] = field(default_factory=list)
+    coin_ids: list[str] = field(default_factory=list)
+    task_runs: array = field(default_factory=lambda: array("q"))
+    kinds: bytearray = field(default_factory=bytearray)
+
+    def add(self, entries: Iterable[BatchEntry]) -> None:
+        for coin_id, task_run, kind in entries:
+            self.coin_ids.append(coin_id)
+            self.task_runs.append(task_run)
+            self.kinds.append(KIND_CODES[kind])
+
+    def entries(self) -> Iterator[BatchEntry]:
+        for coin_id, task_run, code in zip(self.coin_ids, self.task_runs, self.kinds, strict=True):
+            yield BatchEntry(coin_id, task_run, KINDS[code])
 
 
 def is_postgres_url(db: str | None) -> bool:

@@ -294,6 +294,7 @@ class CoinGeckoClient:
         """Wake and stop every thread waiting in this client."""
         self._stop.set()
         self._session.close()
+        self.credits.flush()
 
     # -- statistics ---------------------------------------------------------------------------
 

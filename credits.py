@@ -97,6 +97,9 @@ class Credits:
             self._roll_month()
             self.limit = self._used + remaining
 
+    def flush(self) -> None:
+        """Write what is counted and not yet written (every count is written at once here)."""
+
     def resets_at(self) -> datetime:
         return month_end(self._clock())
 

@@ -63,6 +63,7 @@ MIGRATION_LOCK = 0x636F696E  # pg_advisory_xact_lock key: one process migrates a
 NOW = "extract(epoch from clock_timestamp())::float8"
 RELISTED_KEPT = 4096
 RETRIES = 8
+EXCHANGES_CACHED = 256
 
 # MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction.
 MIGRATIONS = [
@@ -207,6 +208,7 @@ class PostgresStore(Store):
         self._renewer = threading.Thread(target=self._renew_leases, name="coin-lease-renewer", daemon=True)
         self._renewer.start()
         self._exchanges_cache: tuple[int, list[tuple[str, int]]] | None = None
+        self._exchange_cache: tuple[int | None, dict[str, list[str] | None]] = (None, {})
         self._takeover_due = 0.0
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -543,9 +545,19 @@ class PostgresStore(Store):
         return cached[1]
 
     def exchange(self, exchange_id: str) -> list[str] | None:
-        rows = self._read("SELECT id FROM coins WHERE exchanges @> ARRAY[%s] AND (status = 'done' OR refreshing)"
-                          " ORDER BY task_run", (exchange_id,))
-        return [row[0] for row in rows] or None
+        """Kept per listing version, as ``exchanges``: a big exchange is thousands of rows to read again."""
+        version = self.listing_version()
+        cached = self._exchange_cache
+        if cached[0] != version:
+            cached = self._exchange_cache = (version, {})
+        answers = cached[1]
+        if exchange_id not in answers:
+            if len(answers) >= EXCHANGES_CACHED:
+                answers.clear()
+            rows = self._read("SELECT id FROM coins WHERE exchanges @> ARRAY[%s] AND (status = 'done' OR refreshing)"
+                              " ORDER BY task_run", (exchange_id,))
+            answers[exchange_id] = [row[0] for row in rows] or None
+        return answers[exchange_id]
 
     def generation(self) -> int:
         return self._one("SELECT generation FROM state")[0]
@@ -649,12 +661,18 @@ class SharedCredits(Credits):
     """The month's credits counted in the database, so that every process together keeps to the limit.
 
     With a limit, a call's credit is taken there before the call (one statement that checks and
-    counts) and a call without a 200 gives it back; without one, a 200 is simply counted."""
+    counts) and a call without a 200 gives it back. Without one the count only informs, so 200s
+    are written together, at most ``FLUSH_SECONDS`` apart (one statement a call was a fifth of a
+    worker's time at an unlimited upstream); a process killed meanwhile leaves those uncounted."""
+
+    FLUSH_SECONDS = 1.0
 
     def __init__(self, limit: int | None, store: PostgresStore, clock: Callable[[], float] = time.time) -> None:
         super().__init__(limit, ledger=store, clock=clock)
         self._store = store
         self._counted_early = threading.local()
+        self._pending = 0
+        self._flushed_at = clock()
 
     def _month_and_limit(self) -> tuple[str, int | None]:
         with self._lock:
@@ -671,7 +689,19 @@ class SharedCredits(Credits):
         if month is not None and not spent:
             self._store.add_credits(month, -1)
         elif month is None and spent:
-            self._store.add_credits(self._month_and_limit()[0], 1)
+            with self._lock:
+                self._pending += 1
+                due = self._clock() - self._flushed_at >= self.FLUSH_SECONDS
+            if due:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the 200s counted here and not yet in the database."""
+        with self._lock:
+            month, pending, self._pending, self._flushed_at = self._month, self._pending, 0, self._clock()
+            self._roll_month()
+        if pending:
+            self._store.add_credits(month, pending)
 
     def allow(self, remaining: int) -> None:
         with self._lock:
@@ -679,6 +709,7 @@ class SharedCredits(Credits):
             self.limit = self._store.credits_used(self._month) + remaining
 
     def state(self) -> dict:
+        self.flush()
         with self._lock:
             self._roll_month()
             self._used = self._store.credits_used(self._month)

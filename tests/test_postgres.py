@@ -15,6 +15,7 @@ import pytest
 from app import Config, create_app
 from coingecko_client import SPACING_MARGIN, RateLimiter
 from conftest import fast_client
+from credits import month_of
 from postgres_store import PostgresStore, display_url
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
 from worker import Worker
@@ -161,7 +162,9 @@ def test_without_a_limit_every_200_is_counted_once(pair):
             credits[i % 2].settle(spent)
 
     in_threads(6, calls)
+    credits[1].flush()  # as its client's close does
     assert credits[0].state() | {"resets": None} == {"used": 12, "limit": None, "remaining": None, "resets": None}
+    assert pair[1].credits_used(month_of(time.time())) == 12, "written to the database, not only counted"
 
 
 def test_a_listing_follows_changes_made_by_another_process(pair, fake):
@@ -172,8 +175,11 @@ def test_a_listing_follows_changes_made_by_another_process(pair, fake):
     first = http[1].get("/coins")
     assert first.get_json() == {"coins": []}
 
+    exchange = fake.data.exchanges("bitcoin")[0]
+    assert http[1].get(f"/exchanges/{exchange}").status_code == 404
     other = apps[0].extensions["coin_retriever"].worker
     assert other.process_next()
+    assert http[1].get(f"/exchanges/{exchange}").get_json()["coins"] == ["bitcoin"], "the index follows too"
     second = http[1].get("/coins", headers={"If-None-Match": first.headers["ETag"]})
     assert second.status_code == 200 and [c["id"] for c in second.get_json()["coins"]] == ["bitcoin"]
     assert http[0].get("/coins").headers["ETag"] == second.headers["ETag"], "one ETag on every process"

@@ -40,7 +40,6 @@ from store import (
     QUEUED,
     RUNNING,
     STATUSES,
-    BatchClosed,
     BatchNotFound,
     BatchSummary,
     Claim,
@@ -53,6 +52,7 @@ from store import (
     finished_record,
     new_batch_id,
     plan_submission,
+    require_open,
     stored_id,
 )
 
@@ -298,10 +298,7 @@ class PostgresStore(Store):
             batch = batch_id
             if batch is not None:
                 row = conn.execute("SELECT closed FROM batches WHERE id = %s", (batch,)).fetchone()
-                if row is None:
-                    raise BatchNotFound(batch)
-                if row[0]:
-                    raise BatchClosed(batch)
+                require_open(batch, None if row is None else bool(row[0]))
             else:
                 batch = new_batch_id()
                 conn.execute("INSERT INTO batches (id, created) VALUES (%s, %s)", (batch, self._clock()))

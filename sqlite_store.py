@@ -24,7 +24,6 @@ from store import (
     INVALID,
     QUEUED,
     RUNNING,
-    BatchClosed,
     BatchEntry,
     BatchNotFound,
     BatchSummary,
@@ -39,6 +38,7 @@ from store import (
     finished_record,
     new_batch_id,
     plan_submission,
+    require_open,
     stored_id,
 )
 
@@ -209,10 +209,7 @@ class SqliteStore(TalliedStore):
         with self._lock, self._transaction() as conn:
             if batch_id is not None:
                 row = conn.execute("SELECT closed FROM batches WHERE id = ?", (batch_id,)).fetchone()
-                if row is None:
-                    raise BatchNotFound(batch_id)
-                if row[0]:
-                    raise BatchClosed(batch_id)
+                require_open(batch_id, None if row is None else bool(row[0]))
             else:
                 batch_id = new_batch_id()
                 position = self._counter("next_batch_position")

@@ -276,6 +276,14 @@ def finished_record(record: CoinRecord, outcome: Outcome, now: float) -> CoinRec
                       outcome.complete)
 
 
+def require_open(batch_id: str, closed: bool | None) -> None:
+    """Refuse to add to a batch that does not exist (``closed`` is None) or was closed."""
+    if closed is None:
+        raise BatchNotFound(batch_id)
+    if closed:
+        raise BatchClosed(batch_id)
+
+
 def new_batch_id() -> str:
     return os.urandom(6).hex()
 
@@ -869,10 +877,7 @@ class MemoryStore(TalliedStore):
         if batch_id is None:
             return None
         batch = self._batches.get(batch_id)
-        if batch is None:
-            raise BatchNotFound(batch_id)
-        if batch.closed:
-            raise BatchClosed(batch_id)
+        require_open(batch_id, None if batch is None else batch.closed)
         return batch
 
     def claim_next(self) -> Claim | None:

@@ -25,6 +25,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def in_threads(count: int, work: Callable[[int], object]) -> list:
+    """``work(0)`` … ``work(count - 1)``, each on its own thread, released together; their results."""
+    results: list = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
 def eventually(check: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
     """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds.
 

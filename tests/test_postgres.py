@@ -18,6 +18,7 @@ from conftest import fast_client
 from credits import month_of
 from postgres_store import PostgresStore, display_url
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
+from support import in_threads
 from worker import Worker
 
 
@@ -28,22 +29,6 @@ def pair(postgres_url):
     yield stores
     for store in stores:
         store.close()
-
-
-def in_threads(count: int, work) -> list:
-    results = [None] * count
-    barrier = threading.Barrier(count)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results
 
 
 def test_parallel_submissions_to_two_stores_are_numbered_as_one(pair):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import bisect
 import os
 import sys
-import threading
 import time
 from contextlib import ExitStack
 
@@ -15,7 +14,7 @@ import pytest
 import requests
 
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from support import eventually, free_port, running, service, wait_complete
+from support import eventually, free_port, in_threads, running, service, wait_complete
 
 
 @pytest.fixture
@@ -30,30 +29,12 @@ def two_services(postgres_url):
         yield start
 
 
-def in_parallel(calls) -> list:
-    results = [None] * len(calls)
-    barrier = threading.Barrier(len(calls))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = calls[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results
-
-
 def test_parallel_posts_to_two_processes_are_numbered_as_one(two_services):
     with FakeCoinGecko(FakeOptions(latency=0.01), FakeData(coins=100)) as fake:
         services = two_services(fake.url)
         ids = [f"coin-{i:05d}" for i in range(1, 101)]
         bodies = [ids[(7 * i) % 90:(7 * i) % 90 + 10] for i in range(60)]
-        answers = in_parallel([
-            lambda i=i: requests.post(f"{services[i % 2].url}/coins", json=bodies[i], timeout=30) for i in range(60)
-        ])
+        answers = in_threads(60, lambda i: requests.post(f"{services[i % 2].url}/coins", json=bodies[i], timeout=30))
         assert [answer.status_code for answer in answers] == [202] * 60
         results = [answer.json() for answer in answers]
 

@@ -207,8 +207,7 @@ class PostgresStore(Store):
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_leases, name="coin-lease-renewer", daemon=True)
         self._renewer.start()
-        self._exchanges_cache: tuple[int, list[tuple[str, int]]] | None = None
-        self._exchange_cache: tuple[int | None, dict[str, list[str] | None]] = (None, {})
+        self._index_cache: tuple[int | None, dict] = (None, {})
         self._takeover_due = 0.0
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -532,29 +531,29 @@ class PostgresStore(Store):
         return [row[0] for row in self._read(
             "SELECT id FROM coins WHERE status = 'done' OR refreshing ORDER BY task_run DESC LIMIT %s", (count,))]
 
-    def exchanges(self) -> list[tuple[str, int]]:
+    def _index_answer(self, key: str | None, read: Callable[[], object]):
+        """An exchange-index answer kept for the current listing version (the index changes only with the
+        listing): ``/exchanges`` is a scan of every listed coin, a big exchange thousands of rows."""
         version = self.listing_version()
-        cached = self._exchanges_cache
-        if cached is None or cached[0] != version:
-            counts = self._read("SELECT exchange, count(*) FROM coins, unnest(exchanges) AS exchange"
-                                " WHERE status = 'done' OR refreshing GROUP BY exchange")
-            cached = self._exchanges_cache = (version, sorted(counts))
-        return cached[1]
-
-    def exchange(self, exchange_id: str) -> list[str] | None:
-        """Kept per listing version, as ``exchanges``: a big exchange is thousands of rows to read again."""
-        version = self.listing_version()
-        cached = self._exchange_cache
-        if cached[0] != version:
-            cached = self._exchange_cache = (version, {})
-        answers = cached[1]
-        if exchange_id not in answers:
+        cached_version, answers = self._index_cache
+        if cached_version != version:
+            answers = {}
+            self._index_cache = (version, answers)
+        if key not in answers:
             if len(answers) >= EXCHANGES_CACHED:
                 answers.clear()
-            rows = self._read("SELECT id FROM coins WHERE exchanges @> ARRAY[%s] AND (status = 'done' OR refreshing)"
-                              " ORDER BY task_run", (exchange_id,))
-            answers[exchange_id] = [row[0] for row in rows] or None
-        return answers[exchange_id]
+            answers[key] = read()
+        return answers[key]
+
+    def exchanges(self) -> list[tuple[str, int]]:
+        return self._index_answer(None, lambda: sorted(self._read(
+            "SELECT exchange, count(*) FROM coins, unnest(exchanges) AS exchange"
+            " WHERE status = 'done' OR refreshing GROUP BY exchange")))
+
+    def exchange(self, exchange_id: str) -> list[str] | None:
+        return self._index_answer(exchange_id, lambda: [row[0] for row in self._read(
+            "SELECT id FROM coins WHERE exchanges @> ARRAY[%s] AND (status = 'done' OR refreshing)"
+            " ORDER BY task_run", (exchange_id,))] or None)
 
     def generation(self) -> int:
         return self._one("SELECT generation FROM state")[0]

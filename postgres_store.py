@@ -284,16 +284,16 @@ class PostgresStore(Store):
         return rows[0] if rows else None
 
     @staticmethod
-    def _lock_state(conn: psycopg.Connection) -> tuple[int, int]:
-        """Take the state row (the order every structural change keeps): (next taskRun, generation)."""
-        return conn.execute("SELECT next_task_run, generation FROM state FOR UPDATE").fetchone()
+    def _lock_state(conn: psycopg.Connection) -> int:
+        """Take the state row (the order every structural change keeps); returns the next taskRun."""
+        return conn.execute("SELECT next_task_run FROM state FOR UPDATE").fetchone()[0]
 
     # -- submitting ---------------------------------------------------------------------------
 
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
                refresh: bool = False) -> SubmitResult:
         def work(conn: psycopg.Connection) -> SubmitResult:
-            next_task_run, _ = self._lock_state(conn)
+            next_task_run = self._lock_state(conn)
             batch = batch_id
             if batch is not None:
                 row = conn.execute("SELECT closed FROM batches WHERE id = %s", (batch,)).fetchone()

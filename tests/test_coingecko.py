@@ -108,12 +108,17 @@ def test_coingeckos_error_codes_are_quoted_with_what_to_change(fake_time, code, 
 # -- pages and drift --------------------------------------------------------------------------------
 
 
+def serve_pages(link: str, *pages: list) -> None:
+    """Bitcoin's ticker pages in order, each with ``link`` and no total."""
+    for tickers in pages:
+        responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": tickers}, headers={"link": link})
+
+
 @responses.activate
 def test_the_link_header_gives_the_pages_when_total_is_missing(fake_time):
     client = make_client(fake_time)
     link = f'<{API}/coins/bitcoin/tickers?page=2>; rel="next", <{API}/coins/bitcoin/tickers?page=2>; rel="last"'
-    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(100)}, headers={"link": link})
-    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(100, 100)}, headers={"link": link})
+    serve_pages(link, page_of(100), page_of(100, 100))
 
     retrieval = client.fetch_exchanges("bitcoin")
     assert (retrieval.pages, len(retrieval.exchanges), retrieval.total, retrieval.consistent) == (2, 200, None, True)
@@ -124,9 +129,7 @@ def test_the_link_header_gives_the_pages_when_total_is_missing(fake_time):
 def test_without_total_the_first_short_page_ends_the_coin_whatever_link_says(fake_time):
     client = make_client(fake_time)
     link = f'<{API}/coins/bitcoin/tickers?page=3>; rel="last"'
-    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(100)}, headers={"link": link})
-    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(40, 100)}, headers={"link": link})
-    responses.get(f"{API}/coins/bitcoin/tickers", json={"tickers": page_of(10, 140)}, headers={"link": link})
+    serve_pages(link, page_of(100), page_of(40, 100), page_of(10, 140))
 
     assert (client.fetch_exchanges("bitcoin").pages, len(responses.calls)) == (2, 2)
 

@@ -18,7 +18,7 @@ from conftest import fast_client
 from credits import month_of
 from postgres_store import PostgresStore, display_url
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
-from support import in_threads
+from support import eventually, in_threads
 from worker import Worker
 
 
@@ -64,9 +64,10 @@ def test_a_lease_is_renewed_while_its_process_lives_and_taken_over_when_it_dies(
     assert taken.coin_id == "beta", "a renewed lease is not taken over"
 
     first.close()  # the process dies: nobody renews its lease
+    died = time.monotonic()
     assert second.claim_next() is None
-    time.sleep(first.lease_seconds + 0.5)
-    takeover = second.claim_next()
+    takeover = eventually(second.claim_next, 10, "the lease to run out and the coin to be taken over")
+    assert time.monotonic() - died >= first.lease_seconds - 0.5, "not before the lease could have run out"
     assert (takeover.coin_id, takeover.task_run) == ("alpha", claim.task_run)
     assert takeover.token != claim.token
 
@@ -86,8 +87,7 @@ def test_the_running_count_survives_a_takeover(pair):
     first.submit(["alpha"])
     first.claim_next()
     first._stop.set()  # stop renewing, as a frozen process would
-    time.sleep(first.lease_seconds + 0.5)
-    assert second.claim_next().coin_id == "alpha"
+    assert eventually(second.claim_next, 10, "the takeover").coin_id == "alpha"
     assert second.status_counts() == {QUEUED: 0, RUNNING: 1, DONE: 0, "invalid": 0, "failed": 0}
 
 

@@ -52,13 +52,14 @@ def list_coins():
     svc = services()
     if batch is not None and not svc.store.has_batch(batch):
         raise BatchNotFound(batch)
-    etag = svc.listing.etag(since, batch)
+    version = svc.store.listing_version()  # read once: the ETag and the cached body name the same version
+    etag = svc.listing.etag(version, since, batch)
     headers = {"ETag": etag, "Vary": "Accept"}
     if request.if_none_match.contains_weak(etag.strip('"')):
         return Response(status=304, headers=headers)
     if fmt == "ndjson":
         return Response(svc.listing.stream_ndjson(since, batch), mimetype=FORMATS[fmt], headers=headers)
-    body = svc.listing.body(since, batch) if fmt == "json" else svc.listing.csv_body(since, batch)
+    body = svc.listing.body(version, since, batch) if fmt == "json" else svc.listing.csv_body(version, since, batch)
     return Response(body, mimetype=FORMATS[fmt], headers=headers)
 
 
@@ -136,9 +137,9 @@ class CoinListing:
         self._fragments_generation: int | None = None
         self._relisted_cursor = 0
 
-    def etag(self, since: int, batch: str | None, key: str = "") -> str:
-        """One ETag for a version of a listing, whatever its form (JSON, CSV, NDJSON): it names the data."""
-        return f'"{self._store.listing_scope()}-{self._store.listing_version()}-{since}-{batch or ""}{key}"'
+    def etag(self, version: int, since: int, batch: str | None, key: str = "") -> str:
+        """One ETag for ``version`` of a listing, whatever its form (JSON, CSV, NDJSON): it names the data."""
+        return f'"{self._store.listing_scope()}-{version}-{since}-{batch or ""}{key}"'
 
     def clear(self) -> None:
         """Drop every cached body and fragment (after ``DELETE /coins``, so the memory is freed now)."""
@@ -147,13 +148,13 @@ class CoinListing:
             self._fragments, self._fragments_generation = {form: {} for form in ENCODERS}, None
             self._relisted_cursor = 0
 
-    def body(self, since: int, batch: str | None) -> bytes:
-        return self._cached(("json", since, batch), lambda: json_array(
+    def body(self, version: int, since: int, batch: str | None) -> bytes:
+        return self._cached(version, ("json", since, batch), lambda: json_array(
             b'{"coins":[', self._fragments_of(self._store.generation(), since, batch), b"]}"))
 
-    def csv_body(self, since: int, batch: str | None) -> bytes:
+    def csv_body(self, version: int, since: int, batch: str | None) -> bytes:
         """``id,taskRun,exchange``: a row per coin and exchange (one with the exchange empty for none)."""
-        return self._cached(("csv", since, batch), lambda: CSV_HEADER + b"".join(
+        return self._cached(version, ("csv", since, batch), lambda: CSV_HEADER + b"".join(
             self._fragments_of(self._store.generation(), since, batch, "csv")))
 
     def stream_ndjson(self, since: int, batch: str | None):
@@ -173,8 +174,8 @@ class CoinListing:
 
         return lines()
 
-    def _cached(self, key: tuple, build) -> bytes:
-        version = self._store.listing_version()
+    def _cached(self, version: int, key: tuple, build) -> bytes:
+        """The body ``build`` makes, kept while the listing stays at ``version``."""
         with self._lock:
             if self._bodies_version == version and key in self._bodies:
                 return self._bodies[key]

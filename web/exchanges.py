@@ -28,7 +28,8 @@ def get_exchange(exchange_id: str):
 def conditional(body, key: str = "") -> Response:
     """An answer whose ETag follows the listing's version: a 304 costs no work."""
     svc = services()
-    etag = svc.listing.etag(0, None, f"-exchanges-{zlib.crc32(key.encode('utf-8', 'replace')):08x}")
+    tag = f"-exchanges-{zlib.crc32(key.encode('utf-8', 'replace')):08x}"
+    etag = svc.listing.etag(svc.store.listing_version(), 0, None, tag)
     if request.if_none_match.contains_weak(etag.strip('"')):
         return Response(status=304, headers={"ETag": etag})
     response = jsonify(body())

@@ -129,6 +129,7 @@ class SqliteStore(TalliedStore):
             log.info("resumed %d coin(s) that were running when the service stopped", requeued)
         self._generation = 1
         self._version = 1
+        self._scope = os.urandom(4).hex()
         self._tallies = self._load_tallies()
 
     def _load_tallies(self) -> Tallies:

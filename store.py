@@ -709,12 +709,10 @@ class Store(ABC):
         """The records of ``coin_ids`` that exist, in no particular order."""
         return [record for coin_id in coin_ids if (record := self.record(coin_id)) is not None]
 
+    @abstractmethod
     def listing_scope(self) -> str:
         """What makes ``listing_version`` unique beyond this store's life: the ETags of two stores (or of
         one store before and after a restart) must never collide."""
-        if not hasattr(self, "_scope"):
-            self._scope = os.urandom(4).hex()
-        return self._scope
 
     def credits(self, limit: int | None) -> Credits:
         """The monthly credits the client spends, counted in this store."""
@@ -733,6 +731,10 @@ class TalliedStore(Store):
     _clock: Callable[[], float]
     _generation: int
     _version: int
+    _scope: str  # random, set when the store opens: its versions start again with the process
+
+    def listing_scope(self) -> str:
+        return self._scope
 
     def generation(self) -> int:
         with self._lock:
@@ -795,6 +797,7 @@ class MemoryStore(TalliedStore):
         self._generation = 0
         self._version = 0
         self._tokens = itertools.count(1)
+        self._scope = os.urandom(4).hex()
         self._credits = MemoryLedger()
         self._reset()
 

@@ -305,8 +305,10 @@ def _is_loopback(host: str) -> bool:
 
 def main() -> None:
     """``python app.py``: check the settings, then serve with gunicorn as the image does."""
+    from memory import restart_with_system_allocator
     from server import serve
 
+    restart_with_system_allocator()
     serve(check_config())
 
 

@@ -37,7 +37,7 @@ from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 from postgres_server import reset, throwaway_server, unavailable_reason  # noqa: E402
-from support import eventually, free_port, running, service  # noqa: E402  (the tests' process helpers)
+from support import eventually, free_port, rss_mb, running, service, worker_pid  # noqa: E402  (the tests' process helpers)
 
 log = logging.getLogger("bench")
 
@@ -93,10 +93,7 @@ def timed_gets(session: requests.Session, url: str, repeat: int, headers: dict |
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss_mb(pid, "VmHWM")
 
 
 def store_settings(store: str, workdir: str, postgres: str | None) -> dict[str, str]:
@@ -134,12 +131,6 @@ def measure_scale(store: str, coins: int, repeat: int, workdir: str, postgres: s
         "store": store, "coins": coins, "post_ms": post_ms, "coins_per_s": coins / fill, "size": size,
         "full": full, "since": since, "not_modified": not_modified, "rebuilt": rebuilt, "rss": rss, **index,
     }
-
-
-def worker_pid(master: int) -> int:
-    """The gunicorn worker that holds the store (python app.py is its master)."""
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return int(children[0]) if children else master
 
 
 def measure_index(session: requests.Session, url: str, ids: list[str], repeat: int, pid: int) -> dict:
@@ -227,8 +218,7 @@ def measure_at_scale(store: str, n: int, workdir: str, postgres: str | None = No
             wait_for_batch(url, batch, timeout=600)
         result["fill_rate"] = n / (time.perf_counter() - started)
         result["during"] = {path: p50_p95(t) for path, t in during.items() if t}
-        result["rss"] = Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]
-        result["rss"] = int(result["rss"]) / 1024
+        result["rss"] = rss_mb(pid)
         body = session.get(f"{url}/coins").content
         result["size"] = len(body)
         at_size = {path: timed_gets(session, url + path, repeat) for path in

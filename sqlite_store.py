@@ -253,7 +253,7 @@ class SqliteStore(TalliedStore):
 
     def _tally_submission(self, plan: SubmissionPlan) -> None:
         tallies = self._tallies
-        tallies.queued_coins_added(plan.new_coins)
+        tallies.queued_coins_added(plan.new_runs)
         for coin_id, task_run, _ in plan.new_invalid:
             tallies.coin_added(coin_id, task_run, INVALID)
         runs = {entry.coin_id: entry.task_run for entry in plan.entries}

@@ -113,6 +113,17 @@ def service(api_url: str, **env: str):
     return running([sys.executable, "app.py"], settings | env, f"http://127.0.0.1:{port}", "/healthz")
 
 
+def worker_pid(master: int) -> int:
+    """The gunicorn worker that holds the store (python app.py is its master)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return int(children[0]) if children else master
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (or at its peak: ``VmHWM``), in MiB."""
+    return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0]) / 1024
+
+
 def fake_process(*args: str):
     """``python -m fake_coingecko`` on a free port."""
     port = free_port()

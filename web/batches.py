@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from memory import release_freed_memory
 from store import BatchNotFound, BatchSummary
 from web import Services, services
 
@@ -30,7 +31,9 @@ def get_batch(batch_id: str):
 @blueprint.delete("/batches/<batch_id>")
 def delete_batch(batch_id: str):
     cancelled = services().store.delete_batch(batch_id)
-    return jsonify(deleted=batch_id, cancelled=cancelled)
+    response = jsonify(deleted=batch_id, cancelled=cancelled)
+    release_freed_memory(len(cancelled))
+    return response
 
 
 def batch_view(summary: BatchSummary, svc: Services) -> dict:

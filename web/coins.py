@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, jsonify, request
 
 from credits import iso
+from memory import release_freed_memory
 from store import DONE, BatchNotFound, CoinRecord, Store, stored_id
 from web import ApiError, services
 from web.submission import parse_submission, query_batch
@@ -80,6 +81,7 @@ def clear_coins():
     dropped = svc.store.clear()
     svc.listing.clear()
     log.info("DELETE /coins: %d coin(s) forgotten, counter reset", dropped)
+    release_freed_memory(dropped)
     return jsonify(deleted=dropped)
 
 

@@ -373,3 +373,24 @@ def test_sorted_runs_keep_order_and_widen_past_four_bytes():
     runs.remove(7)
     assert list(runs.runs) == [1, 3, 5, 9, 2**33, 2**40] and runs.runs.typecode == "q"
     assert 2**40 in runs and 7 not in runs and runs.up_to(9) == 4 and runs.after(5) == [9, 2**33, 2**40]
+
+
+def test_coins_on_the_same_exchanges_share_one_list_in_memory():
+    store = MemoryStore()
+    store.submit([f"coin-{i}" for i in range(6)])
+    run_all(store, lambda coin: ["uniswap", "binance"] if coin < "coin-3" else ["pancakeswap"])
+    records = [store.record(f"coin-{i}") for i in range(6)]
+    assert records[0].exchanges == ("binance", "uniswap") and records[5].exchanges == ("pancakeswap",)
+    assert records[0].exchanges is records[1].exchanges is records[2].exchanges
+    assert records[3].exchanges is records[4].exchanges is records[5].exchanges
+
+
+def test_exchange_lists_no_record_uses_are_forgotten():
+    store = MemoryStore()
+    store.submit(["only"])
+    run_all(store)
+    for round_ in range(3000):
+        store.submit(["only"], refresh=True)
+        run_all(store, lambda coin, r=round_: [f"ex-{r}"])
+    assert store.record("only").exchanges == ("ex-2999",)
+    assert len(store._exchange_lists) <= 2 * 1 + 1024 + 1

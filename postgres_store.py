@@ -33,9 +33,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from credits import Credits
 from store import (
     COIN,
+    COUNT_KEYS,
     DONE,
     DUPLICATE,
     INVALID,
+    KIND_CODES,
     MALFORMED,
     QUEUED,
     RUNNING,
@@ -144,6 +146,48 @@ CREATE TRIGGER count_statuses_{op} AFTER {event} ON coins REFERENCING {tables}
             ("update", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows",
              "SELECT status, 1 AS k FROM new_rows UNION ALL SELECT status, -1 FROM old_rows"),
             ("delete", "DELETE", "OLD TABLE AS old_rows", "SELECT status, -1 AS k FROM old_rows"),
+        )
+    ),
+    # 2: each batch's counts kept in its row as coins change, rather than counted on every read.
+    # Coins are inserted before their batch entries (submit counts its own), so only updates and
+    # deletes move counts; a coin's statuses are summed over its 'coin' entries.
+    f"""
+ALTER TABLE batches {", ".join(f"ADD COLUMN {key} BIGINT NOT NULL DEFAULT 0" for key in COUNT_KEYS)};
+UPDATE batches b SET {", ".join(f"{key} = d.{key}" for key in COUNT_KEYS)} FROM (
+    SELECT e.batch_id, count(*) AS submitted,
+        count(*) FILTER (WHERE e.kind = '{DUPLICATE}') AS duplicates,
+        {", ".join(f"count(*) FILTER (WHERE e.kind = '{COIN}' AND c.status = '{status}') AS {status}"
+                   for status in STATUSES if status != INVALID)},
+        count(*) FILTER (WHERE e.kind = '{MALFORMED}' OR (e.kind = '{COIN}' AND c.status IS NULL)
+                         OR c.status = '{INVALID}') AS {INVALID}
+    FROM batch_entries e LEFT JOIN coins c ON c.id = e.coin_id AND e.kind = '{COIN}' GROUP BY e.batch_id
+) d WHERE b.id = d.batch_id;
+CREATE INDEX batch_entries_queued_last ON batch_entries (batch_id, task_run) WHERE kind = '{COIN}';
+"""
+    + "".join(
+        f"""
+CREATE FUNCTION count_batches_{op}() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE d record;
+BEGIN
+    FOR d IN SELECT e.batch_id, {", ".join(f"coalesce(sum(x.k) FILTER (WHERE x.status = '{s}'), 0) AS {s}"
+                                           for s in STATUSES)}
+        FROM ({rows}) x JOIN batch_entries e ON e.coin_id = x.id AND e.kind = '{COIN}'
+        GROUP BY e.batch_id ORDER BY e.batch_id
+    LOOP
+        UPDATE batches SET {", ".join(f"{s} = {s} + d.{s}" for s in STATUSES)} WHERE id = d.batch_id;
+    END LOOP;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER count_batches_{op} AFTER {event} ON coins REFERENCING {tables}
+    FOR EACH STATEMENT EXECUTE FUNCTION count_batches_{op}();
+"""
+        for op, event, tables, rows in (
+            ("update", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+             "SELECT n.id, n.status, 1 AS k FROM new_rows n JOIN old_rows o ON o.id = n.id"
+             " WHERE o.status <> n.status"
+             " UNION ALL SELECT o.id, o.status, -1 FROM new_rows n JOIN old_rows o ON o.id = n.id"
+             " WHERE o.status <> n.status"),
+            ("delete", "DELETE", "OLD TABLE AS old_rows", "SELECT id, status, -1 AS k FROM old_rows"),
         )
     ),
 ]
@@ -296,7 +340,7 @@ class PostgresStore(Store):
             next_task_run = self._lock_state(conn)
             batch = batch_id
             if batch is not None:
-                row = conn.execute("SELECT closed FROM batches WHERE id = %s", (batch,)).fetchone()
+                row = conn.execute("SELECT closed FROM batches WHERE id = %s FOR NO KEY UPDATE", (batch,)).fetchone()
                 require_open(batch, None if row is None else bool(row[0]))
             else:
                 batch = new_batch_id()
@@ -319,8 +363,12 @@ class PostgresStore(Store):
             ) as copy:
                 for offset, entry in enumerate(plan.entries):
                     copy.write_row((batch, first + offset, entry.coin_id, entry.task_run, entry.kind))
-            if close:
-                conn.execute("UPDATE batches SET closed = TRUE WHERE id = %s", (batch,))
+            kinds = plan.entries.kinds
+            conn.execute(
+                f"UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, {QUEUED} = {QUEUED} + %s,"
+                f" {INVALID} = {INVALID} + %s, duplicates = duplicates + %s WHERE id = %s",
+                (close, len(kinds), kinds.count(KIND_CODES[COIN]), kinds.count(KIND_CODES[MALFORMED]),
+                 kinds.count(KIND_CODES[DUPLICATE]), batch))
             conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (plan.next_task_run,))
             return plan.result
 
@@ -573,22 +621,18 @@ class PostgresStore(Store):
         return self._one("SELECT count(*) FROM coins WHERE status = 'queued' AND task_run <= %s", (task_run,))[0]
 
     def _summaries(self, where: str = "", params: Sequence = ()) -> list[BatchSummary]:
+        """Batches with the counts kept in their rows, and for those with coins queued, the last one's
+        taskRun (for the ETA): one step down an index from the batch's highest."""
         rows = self._read(
-            "SELECT b.id, b.created, b.closed, count(e.kind),"
-            f" count(*) FILTER (WHERE e.kind = '{DUPLICATE}'),"
-            f" count(*) FILTER (WHERE e.kind = '{MALFORMED}' OR (e.kind = '{COIN}' AND c.status IS NULL)),"
-            + "".join(f" count(*) FILTER (WHERE e.kind = '{COIN}' AND c.status = '{status}')," for status in STATUSES)
-            + f" max(c.task_run) FILTER (WHERE e.kind = '{COIN}' AND c.status = '{QUEUED}')"
-            " FROM batches b LEFT JOIN batch_entries e ON e.batch_id = b.id"
-            f" LEFT JOIN coins c ON c.id = e.coin_id AND e.kind = '{COIN}'"
-            f" {where} GROUP BY b.id ORDER BY min(b.position)", params,
+            f"SELECT b.id, b.created, b.closed, {', '.join(f'b.{key}' for key in COUNT_KEYS)}, q.task_run"
+            " FROM batches b LEFT JOIN LATERAL ("
+            "  SELECT e.task_run FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
+            f"  WHERE b.{QUEUED} > 0 AND e.batch_id = b.id AND e.kind = '{COIN}' AND c.status = '{QUEUED}'"
+            "  ORDER BY e.task_run DESC LIMIT 1) q ON TRUE"
+            f" {where} ORDER BY b.position", params,
         )
-        summaries = []
-        for batch_id, created, closed, submitted, duplicates, malformed, *by_status, last_queued in rows:
-            counts = {"submitted": submitted, **dict(zip(STATUSES, by_status, strict=True)), "duplicates": duplicates}
-            counts[INVALID] += malformed
-            summaries.append(BatchSummary(batch_id, created, closed, counts, last_queued))
-        return summaries
+        return [BatchSummary(batch_id, created, closed, dict(zip(COUNT_KEYS, counts, strict=True)), last_queued)
+                for batch_id, created, closed, *counts, last_queued in rows]
 
     def batch(self, batch_id: str) -> BatchSummary | None:
         found = self._summaries("WHERE b.id = %s", (batch_id,))
@@ -611,10 +655,10 @@ class PostgresStore(Store):
                 " ORDER BY c.task_run",
                 (batch_id, COIN, QUEUED, RUNNING),
             ).fetchall()
+            conn.execute("DELETE FROM batches WHERE id = %s", (batch_id,))  # first: no counts to move in it
             conn.execute("DELETE FROM coins WHERE id = ANY(%s)", ([row[0] for row in cancelled if not row[2]],))
             conn.execute("UPDATE coins SET status = %s, refreshing = FALSE, claim = 0, lease_until = NULL"
                          " WHERE id = ANY(%s)", (DONE, [row[0] for row in cancelled if row[2]]))
-            conn.execute("DELETE FROM batches WHERE id = %s", (batch_id,))
             conn.execute("UPDATE state SET version = version + 1")
             return [row[0] for row in cancelled]
 

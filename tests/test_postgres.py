@@ -220,3 +220,35 @@ def test_a_database_that_drops_its_connections_gets_a_json_503_then_recovers(pos
         assert http.get("/batches").status_code == 200, "the pool replaced the broken connections"
     finally:
         store.close()
+
+
+def test_batch_counts_written_before_they_were_kept_are_counted_by_the_migration(postgres_url, monkeypatch):
+    """A database from the release that counted batches on each read (schema 1) gets its counts
+    filled in once, when a newer process opens it."""
+    import psycopg
+
+    import postgres_store
+
+    monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 1)
+    PostgresStore(postgres_url).close()
+    monkeypatch.undo()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("SET search_path = coin_retriever")
+        conn.execute("INSERT INTO batches (id, created) VALUES ('b1', 1), ('b2', 2)")
+        conn.execute("INSERT INTO coins (id, task_run, status) VALUES ('a', 1, 'done'), ('b', 2, 'invalid'),"
+                     " ('c', 3, 'running'), ('bad id', 4, 'invalid'), ('d', 6, 'queued')")
+        conn.execute("INSERT INTO batch_entries VALUES ('b1', 1, 'a', 1, 'coin'), ('b1', 2, 'b', 2, 'coin'),"
+                     " ('b1', 3, 'c', 3, 'coin'), ('b1', 4, 'bad id', 4, 'malformed'), ('b2', 1, 'c', 3, 'duplicate'),"
+                     " ('b2', 2, 'd', 6, 'coin'), ('b2', 3, 'a', 1, 'duplicate')")
+    store = PostgresStore(postgres_url)
+    try:
+        first, second = store.batch("b1"), store.batch("b2")
+        assert first.counts == {"submitted": 4, "queued": 0, "running": 1, "done": 1, "invalid": 2, "failed": 0,
+                                "duplicates": 0}
+        assert second.counts == {"submitted": 3, "queued": 1, "running": 0, "done": 0, "invalid": 0, "failed": 0,
+                                 "duplicates": 2}
+        assert (first.last_queued_task_run, second.last_queued_task_run) == (None, 6)
+        assert store.finish(store.claim_next(), Outcome.done(["x"]))
+        assert store.batch("b2").counts["done"] == 1 and store.batch("b2").counts["queued"] == 0
+    finally:
+        store.close()

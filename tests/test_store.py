@@ -6,6 +6,7 @@ import random
 import sqlite3
 
 import pytest
+from conftest import open_test_store
 
 from sqlite_store import SqliteStore
 from store import (
@@ -283,11 +284,12 @@ def test_sqlite_uses_wal(tmp_path):
 # -- counts kept as the data changes ------------------------------------------------------------
 
 
-def test_kept_counts_agree_with_a_recount_after_every_change(tmp_path):
-    """Random submissions, claims, outcomes, releases, deferrals, deletions: after each, both stores'
-    counts equal a recount from their records, and each other."""
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_kept_counts_agree_with_a_recount_after_every_change(kind, request, tmp_path):
+    """Random submissions, claims, outcomes, releases, deferrals, deletions: after each, the memory
+    store's and the database's counts equal a recount from their records, and each other."""
     rng = random.Random(11)
-    stores = [MemoryStore(), SqliteStore(str(tmp_path / "c.db"))]
+    stores = [MemoryStore(), open_test_store(kind, request, tmp_path)]
     universe = [f"c{i}" for i in range(40)] + ["bad/id"]
     claims: list[list] = [[], []]
     batch_ids: list[str] = []

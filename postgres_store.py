@@ -36,6 +36,7 @@ from store import (
     COUNT_KEYS,
     DONE,
     DUPLICATE,
+    FAILED,
     INVALID,
     KIND_CODES,
     MALFORMED,
@@ -66,6 +67,10 @@ NOW = "extract(epoch from clock_timestamp())::float8"
 RELISTED_KEPT = 4096
 RETRIES = 8
 EXCHANGES_CACHED = 256
+
+ENDED = (DONE, INVALID, FAILED)  # the statuses whose moves a batch's row counts (schema 2)
+BATCH_COLUMNS = ("submitted", "duplicates", "malformed", "coins", *ENDED)
+BULK_COUNTED = "coin_retriever.bulk_counted"  # set in a transaction whose coin moves are counted by batch
 
 # MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction.
 MIGRATIONS = [
@@ -148,48 +153,38 @@ CREATE TRIGGER count_statuses_{op} AFTER {event} ON coins REFERENCING {tables}
             ("delete", "DELETE", "OLD TABLE AS old_rows", "SELECT status, -1 AS k FROM old_rows"),
         )
     ),
-    # 2: each batch's counts kept in its row as coins change, rather than counted on every read.
-    # Coins are inserted before their batch entries (submit counts its own), so only updates and
-    # deletes move counts; a coin's statuses are summed over its 'coin' entries.
+    # 2: each batch's counts kept in its row, rather than counted on every read. Only the moves into
+    # and out of an ending status (done, invalid, failed) are counted, a row trigger each: a claim or
+    # a release moves nothing, so the busiest statements do not touch the batch. Running coins are
+    # few and counted when read; queued ones are what remains. Coins are inserted before their
+    # entries (submit counts its own) and deleted only when no batch has them. A statement that
+    # moves many coins counts them itself, in one step a batch (``_move_in_bulk``): one row updated
+    # thousands of times in one transaction is a chain of versions walked on every update.
     f"""
-ALTER TABLE batches {", ".join(f"ADD COLUMN {key} BIGINT NOT NULL DEFAULT 0" for key in COUNT_KEYS)};
-UPDATE batches b SET {", ".join(f"{key} = d.{key}" for key in COUNT_KEYS)} FROM (
+ALTER TABLE batches {", ".join(f"ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0" for column in BATCH_COLUMNS)};
+UPDATE batches b SET {", ".join(f"{column} = d.{column}" for column in BATCH_COLUMNS)} FROM (
     SELECT e.batch_id, count(*) AS submitted,
         count(*) FILTER (WHERE e.kind = '{DUPLICATE}') AS duplicates,
-        {", ".join(f"count(*) FILTER (WHERE e.kind = '{COIN}' AND c.status = '{status}') AS {status}"
-                   for status in STATUSES if status != INVALID)},
-        count(*) FILTER (WHERE e.kind = '{MALFORMED}' OR (e.kind = '{COIN}' AND c.status IS NULL)
-                         OR c.status = '{INVALID}') AS {INVALID}
+        count(*) FILTER (WHERE e.kind = '{MALFORMED}' OR (e.kind = '{COIN}' AND c.status IS NULL)) AS malformed,
+        count(*) FILTER (WHERE e.kind = '{COIN}') AS coins,
+        {", ".join(f"count(*) FILTER (WHERE c.status = '{status}') AS {status}" for status in ENDED)}
     FROM batch_entries e LEFT JOIN coins c ON c.id = e.coin_id AND e.kind = '{COIN}' GROUP BY e.batch_id
 ) d WHERE b.id = d.batch_id;
 CREATE INDEX batch_entries_queued_last ON batch_entries (batch_id, task_run) WHERE kind = '{COIN}';
-"""
-    + "".join(
-        f"""
-CREATE FUNCTION count_batches_{op}() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE d record;
+CREATE FUNCTION count_batches() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    FOR d IN SELECT e.batch_id, {", ".join(f"coalesce(sum(x.k) FILTER (WHERE x.status = '{s}'), 0) AS {s}"
-                                           for s in STATUSES)}
-        FROM ({rows}) x JOIN batch_entries e ON e.coin_id = x.id AND e.kind = '{COIN}'
-        GROUP BY e.batch_id ORDER BY e.batch_id
-    LOOP
-        UPDATE batches SET {", ".join(f"{s} = {s} + d.{s}" for s in STATUSES)} WHERE id = d.batch_id;
-    END LOOP;
+    IF current_setting('{BULK_COUNTED}', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    UPDATE batches b SET {", ".join(f"{s} = {s} + (NEW.status = '{s}')::int - (OLD.status = '{s}')::int"
+                                    for s in ENDED)}
+        FROM batch_entries e WHERE e.coin_id = NEW.id AND e.kind = '{COIN}' AND b.id = e.batch_id;
     RETURN NULL;
 END $$;
-CREATE TRIGGER count_batches_{op} AFTER {event} ON coins REFERENCING {tables}
-    FOR EACH STATEMENT EXECUTE FUNCTION count_batches_{op}();
-"""
-        for op, event, tables, rows in (
-            ("update", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-             "SELECT n.id, n.status, 1 AS k FROM new_rows n JOIN old_rows o ON o.id = n.id"
-             " WHERE o.status <> n.status"
-             " UNION ALL SELECT o.id, o.status, -1 FROM new_rows n JOIN old_rows o ON o.id = n.id"
-             " WHERE o.status <> n.status"),
-            ("delete", "DELETE", "OLD TABLE AS old_rows", "SELECT id, status, -1 AS k FROM old_rows"),
-        )
-    ),
+CREATE TRIGGER count_batches AFTER UPDATE OF status ON coins FOR EACH ROW
+    WHEN (OLD.status <> NEW.status AND (OLD.status IN {ENDED} OR NEW.status IN {ENDED}))
+    EXECUTE FUNCTION count_batches();
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -332,6 +327,22 @@ class PostgresStore(Store):
         """Take the state row (the order every structural change keeps); returns the next taskRun."""
         return conn.execute("SELECT next_task_run FROM state FOR UPDATE").fetchone()[0]
 
+    @staticmethod
+    def _move_in_bulk(conn: psycopg.Connection, coin_ids: list[str], query: str, params: Sequence) -> None:
+        """Run ``query``, which changes the status of ``coin_ids``, and move their batches' counts in
+        one step a batch rather than a trigger a coin."""
+        if not coin_ids:
+            return
+        moved = f"""UPDATE batches b SET {", ".join(f"{s} = b.{s} + d.{s}" for s in ENDED)} FROM (
+            SELECT e.batch_id, {", ".join(f"sum((c.status = '{s}')::int * %(sign)s::int) AS {s}" for s in ENDED)}
+            FROM coins c JOIN batch_entries e ON e.coin_id = c.id AND e.kind = '{COIN}'
+            WHERE c.id = ANY(%(ids)s) GROUP BY e.batch_id ORDER BY e.batch_id) d WHERE b.id = d.batch_id"""
+        conn.execute(moved, {"sign": -1, "ids": coin_ids})
+        conn.execute("SELECT set_config(%s, 'on', true)", (BULK_COUNTED,))
+        conn.execute(query, params)
+        conn.execute("SELECT set_config(%s, 'off', true)", (BULK_COUNTED,))
+        conn.execute(moved, {"sign": 1, "ids": coin_ids})
+
     # -- submitting ---------------------------------------------------------------------------
 
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
@@ -349,8 +360,8 @@ class PostgresStore(Store):
             plan = plan_submission(batch, coin_ids, next_task_run, known.get, refresh)
             again = plan.refreshed + plan.retried
             if again:
-                conn.execute("UPDATE coins SET status = %s, error = NULL, refreshing = (status = %s)"
-                             " WHERE id = ANY(%s)", (QUEUED, DONE, again))
+                self._move_in_bulk(conn, again, "UPDATE coins SET status = %s, error = NULL, refreshing = (status = %s)"
+                                   " WHERE id = ANY(%s)", (QUEUED, DONE, again))
             with conn.cursor().copy("COPY coins (id, task_run, status, error) FROM STDIN") as copy:
                 for coin_id, task_run in plan.new_coins:
                     copy.write_row((coin_id, task_run, QUEUED, None))
@@ -365,8 +376,8 @@ class PostgresStore(Store):
                     copy.write_row((batch, first + offset, entry.coin_id, entry.task_run, entry.kind))
             kinds = plan.entries.kinds
             conn.execute(
-                f"UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, {QUEUED} = {QUEUED} + %s,"
-                f" {INVALID} = {INVALID} + %s, duplicates = duplicates + %s WHERE id = %s",
+                "UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, coins = coins + %s,"
+                " malformed = malformed + %s, duplicates = duplicates + %s WHERE id = %s",
                 (close, len(kinds), kinds.count(KIND_CODES[COIN]), kinds.count(KIND_CODES[MALFORMED]),
                  kinds.count(KIND_CODES[DUPLICATE]), batch))
             conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (plan.next_task_run,))
@@ -621,18 +632,30 @@ class PostgresStore(Store):
         return self._one("SELECT count(*) FROM coins WHERE status = 'queued' AND task_run <= %s", (task_run,))[0]
 
     def _summaries(self, where: str = "", params: Sequence = ()) -> list[BatchSummary]:
-        """Batches with the counts kept in their rows, and for those with coins queued, the last one's
-        taskRun (for the ETA): one step down an index from the batch's highest."""
+        """Batches with the counts kept in their rows, their running coins (a handful) counted, and for
+        those with coins queued, the last one's taskRun (for the ETA): one step down an index."""
         rows = self._read(
-            f"SELECT b.id, b.created, b.closed, {', '.join(f'b.{key}' for key in COUNT_KEYS)}, q.task_run"
-            " FROM batches b LEFT JOIN LATERAL ("
-            "  SELECT e.task_run FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
-            f"  WHERE b.{QUEUED} > 0 AND e.batch_id = b.id AND e.kind = '{COIN}' AND c.status = '{QUEUED}'"
+            # MATERIALIZED: from the running coins to their batches, never a batch's entries to their coins
+            "WITH r AS MATERIALIZED (SELECT e.batch_id, count(*) AS n FROM coins c JOIN batch_entries e"
+            f"  ON e.coin_id = c.id AND e.kind = '{COIN}' WHERE c.status = '{RUNNING}' GROUP BY e.batch_id)"
+            " SELECT b.id, b.created, b.closed, b.submitted, b.duplicates, b.malformed, b.coins,"
+            f" {', '.join(f'b.{status}' for status in ENDED)}, r.n, q.task_run FROM batches b"
+            " LEFT JOIN r ON r.batch_id = b.id"
+            " LEFT JOIN LATERAL (SELECT e.task_run FROM batch_entries e JOIN coins c ON c.id = e.coin_id"
+            f"  WHERE b.coins > {' + '.join(f'b.{status}' for status in ENDED)} + coalesce(r.n, 0)"
+            f"  AND e.batch_id = b.id AND e.kind = '{COIN}' AND c.status = '{QUEUED}'"
             "  ORDER BY e.task_run DESC LIMIT 1) q ON TRUE"
             f" {where} ORDER BY b.position", params,
         )
-        return [BatchSummary(batch_id, created, closed, dict(zip(COUNT_KEYS, counts, strict=True)), last_queued)
-                for batch_id, created, closed, *counts, last_queued in rows]
+        summaries = []
+        for batch_id, created, closed, submitted, duplicates, malformed, coins, *ended, running, last in rows:
+            counts = dict(zip(ENDED, ended, strict=True))
+            running = running or 0
+            counts |= {"submitted": submitted, QUEUED: coins - sum(ended) - running, RUNNING: running,
+                       "duplicates": duplicates}
+            counts[INVALID] += malformed
+            summaries.append(BatchSummary(batch_id, created, closed, {key: counts[key] for key in COUNT_KEYS}, last))
+        return summaries
 
     def batch(self, batch_id: str) -> BatchSummary | None:
         found = self._summaries("WHERE b.id = %s", (batch_id,))
@@ -657,8 +680,9 @@ class PostgresStore(Store):
             ).fetchall()
             conn.execute("DELETE FROM batches WHERE id = %s", (batch_id,))  # first: no counts to move in it
             conn.execute("DELETE FROM coins WHERE id = ANY(%s)", ([row[0] for row in cancelled if not row[2]],))
-            conn.execute("UPDATE coins SET status = %s, refreshing = FALSE, claim = 0, lease_until = NULL"
-                         " WHERE id = ANY(%s)", (DONE, [row[0] for row in cancelled if row[2]]))
+            relisted = [row[0] for row in cancelled if row[2]]
+            self._move_in_bulk(conn, relisted, "UPDATE coins SET status = %s, refreshing = FALSE, claim = 0,"
+                               " lease_until = NULL WHERE id = ANY(%s)", (DONE, relisted))
             conn.execute("UPDATE state SET version = version + 1")
             return [row[0] for row in cancelled]
 

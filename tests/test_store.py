@@ -6,8 +6,8 @@ import random
 import sqlite3
 
 import pytest
-from conftest import open_test_store
 
+from conftest import open_test_store
 from sqlite_store import SqliteStore
 from store import (
     DONE,
@@ -286,7 +286,7 @@ def test_sqlite_uses_wal(tmp_path):
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_kept_counts_agree_with_a_recount_after_every_change(kind, request, tmp_path):
-    """Random submissions, claims, outcomes, releases, deferrals, deletions: after each, the memory
+    """Random submissions (refreshes too), claims, outcomes, releases, deferrals, deletions: after each, the memory
     store's and the database's counts equal a recount from their records, and each other."""
     rng = random.Random(11)
     stores = [MemoryStore(), open_test_store(kind, request, tmp_path)]
@@ -307,7 +307,8 @@ def test_kept_counts_agree_with_a_recount_after_every_change(kind, request, tmp_
         action = rng.choice(["submit", "claim", "claim", "finish", "release", "defer", "delete"])
         if action == "submit" or not batch_ids:
             ids = rng.choices(universe, k=rng.randint(1, 6))
-            results = [store.submit(ids) for store in stores]
+            refresh = rng.random() < 0.25
+            results = [store.submit(ids, refresh=refresh) for store in stores]
             assert (results[0].queued, results[0].task_runs) == (results[1].queued, results[1].task_runs)
             batch_ids.append((results[0].batch, results[1].batch))
             owned[results[0].batch] = owned[results[1].batch] = results[0].queued

@@ -191,21 +191,27 @@ def poll_once_a_second(url: str, batch: str, stop) -> None:
                 answer.read()
 
 
-def refresh_rate(session: requests.Session, url: str, ids: list[str], poll: bool) -> float:
-    """Coins a second while ``ids`` are fetched again, with or without the 1 Hz poller."""
+@contextlib.contextmanager
+def polled(url: str, batch: str):
+    """``poll_once_a_second`` running for as long as the block lasts."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
+    poller = context.Process(target=poll_once_a_second, args=(url, batch, stop), daemon=True)
+    poller.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        poller.join(30)
+
+
+def refresh_rate(session: requests.Session, url: str, ids: list[str], poll: bool) -> float:
+    """Coins a second while ``ids`` are fetched again, with or without the 1 Hz poller."""
     started = time.perf_counter()
     batch = session.post(f"{url}/coins?refresh=true&last=true", json=ids).json()["batch"]
-    poller = context.Process(target=poll_once_a_second, args=(url, batch, stop), daemon=True)
-    if poll:
-        poller.start()
-    wait_for_batch(url, batch, timeout=600)
-    stop.set()
-    rate = len(ids) / (time.perf_counter() - started)
-    if poll:
-        poller.join(30)
-    return rate
+    with polled(url, batch) if poll else contextlib.nullcontext():
+        wait_for_batch(url, batch, timeout=600)
+        return len(ids) / (time.perf_counter() - started)
 
 
 def measure_at_scale(store: str, n: int, workdir: str, postgres: str | None = None, repeat: int = 20) -> dict:

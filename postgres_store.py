@@ -38,7 +38,6 @@ from store import (
     DUPLICATE,
     FAILED,
     INVALID,
-    KIND_CODES,
     MALFORMED,
     QUEUED,
     RUNNING,
@@ -374,12 +373,11 @@ class PostgresStore(Store):
             ) as copy:
                 for offset, entry in enumerate(plan.entries):
                     copy.write_row((batch, first + offset, entry.coin_id, entry.task_run, entry.kind))
-            kinds = plan.entries.kinds
+            entries = plan.entries
             conn.execute(
                 "UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, coins = coins + %s,"
                 " malformed = malformed + %s, duplicates = duplicates + %s WHERE id = %s",
-                (close, len(kinds), kinds.count(KIND_CODES[COIN]), kinds.count(KIND_CODES[MALFORMED]),
-                 kinds.count(KIND_CODES[DUPLICATE]), batch))
+                (close, len(entries), entries.count(COIN), entries.count(MALFORMED), entries.count(DUPLICATE), batch))
             conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (plan.next_task_run,))
             return plan.result
 

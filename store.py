@@ -168,6 +168,9 @@ class BatchEntries:
     def __len__(self) -> int:
         return len(self.coin_ids)
 
+    def count(self, kind: str) -> int:
+        return self.kinds.count(KIND_CODES[kind])
+
     def __iter__(self) -> Iterator[BatchEntry]:
         for coin_id, task_run, code in zip(self.coin_ids, self.task_runs, self.kinds, strict=True):
             yield BatchEntry(coin_id, task_run, KINDS[code])
@@ -1095,9 +1098,9 @@ class MemoryStore(TalliedStore):
 
 
 class SharedTuples:
-    """One tuple for all equal ones. Most coins trade on the same few exchanges (one DEX or two),
-    so 100,000 records hold some 10,000 distinct exchange lists: sharing them takes a record from
-    about 310 bytes to 120."""
+    """One tuple for all equal ones. Most coins trade on the same few exchanges (one DEX or two):
+    the fake's 100,000 coins have 9,691 distinct exchange lists, 19 MB as a tuple each and 3.4 MB
+    shared (tracemalloc)."""
 
     def __init__(self) -> None:
         self._table: dict[tuple, tuple] = {}

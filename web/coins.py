@@ -16,7 +16,7 @@ from credits import iso
 from memory import release_freed_memory
 from store import DONE, BatchNotFound, CoinRecord, Store, stored_id
 from web import ApiError, services
-from web.submission import parse_submission, query_batch
+from web.submission import normalized_id, parse_submission, query_batch
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def clear_coins():
 
 @blueprint.get("/coins/<path:coin_id>")
 def get_coin(coin_id: str):
-    record = services().store.record(stored_id(coin_id.strip().lower()))
+    record = services().store.record(stored_id(normalized_id(coin_id)))
     if record is None:
         raise ApiError(404, f"coin {coin_id[:210]!r} was never submitted: POST it to /coins first")
     return jsonify(coin_view(record))

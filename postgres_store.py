@@ -7,8 +7,8 @@ What keeps several processes to the contract together:
   the claiming process renews while it holds the coin; a coin whose lease ran out (its process
   died) is claimed again; an outcome lands only under the claim's own token;
 * submissions, batch deletions, clearing and finished coins take the one ``state`` row first,
-  so taskRun numbers are contiguous and the listing's version and its log of re-listed coins
-  follow the order of commits;
+  so taskRun numbers are contiguous, and the listing's version and each landed record's place in
+  the log of listing changes (``listed_seq``) follow the order of commits;
 * the status counts are kept by a trigger, in the same transaction as the change;
 * call slots, 429 pauses and credits are rows that every process takes from atomically
   (``PostgresSlots``, ``SharedCredits``), timed by the database's clock.
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "coin_retriever"
 MIGRATION_LOCK = 0x636F696E  # pg_advisory_xact_lock key: one process migrates at a time
 NOW = "extract(epoch from clock_timestamp())::float8"
-RELISTED_KEPT = 4096
 RETRIES = 8
 EXCHANGES_CACHED = 256
 
@@ -183,6 +182,16 @@ END $$;
 CREATE TRIGGER count_batches AFTER UPDATE OF status ON coins FOR EACH ROW
     WHEN (OLD.status <> NEW.status AND (OLD.status IN {ENDED} OR NEW.status IN {ENDED}))
     EXECUTE FUNCTION count_batches();
+""",
+    # 3: each record that lands takes the next number of one sequence (under the state row, so in
+    # commit order): the listing's changes since a number are an index range, and replace the
+    # log of re-listed coins.
+    """
+ALTER TABLE coins ADD COLUMN listed_seq BIGINT;
+CREATE SEQUENCE listing_changes;
+CREATE INDEX coins_listing_changes ON coins (listed_seq) WHERE listed_seq IS NOT NULL;
+DROP TABLE relisted;
+ALTER TABLE state DROP COLUMN relisted_floor;
 """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -396,15 +405,16 @@ class PostgresStore(Store):
         oldest = self._one("SELECT MIN(fetched_at) FROM coins WHERE status = %s AND NOT refreshing", (DONE,))[0]
         return None if oldest is None else max(0.0, oldest + age - self._clock())
 
-    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
-        with self._connection() as conn, conn.transaction():
-            floor = conn.execute("SELECT relisted_floor FROM state").fetchone()[0]
-            rows = conn.execute("SELECT seq, coin_id FROM relisted WHERE seq > %s ORDER BY seq",
-                                (cursor,)).fetchall()
-        end = rows[-1][0] if rows else max(cursor, floor)
-        if cursor < floor:
-            return None, end
-        return [coin_id for _, coin_id in rows], end
+    def listing_changes(self, cursor: int | None) -> tuple[list[int] | None, int]:
+        if cursor is None:
+            return None, self._one("SELECT COALESCE(MAX(listed_seq), 0) FROM coins")[0]
+        rows = self._read("SELECT listed_seq, task_run FROM coins WHERE listed_seq > %s", (cursor,))
+        return [task_run for _, task_run in rows], max((seq for seq, _ in rows), default=cursor)
+
+    def listed_between(self, low: int, high: int) -> tuple[list[int], list[str]]:
+        rows = self._read("SELECT task_run, id FROM coins WHERE (status = 'done' OR refreshing)"
+                          " AND task_run >= %s AND task_run < %s ORDER BY task_run", (low, high))
+        return [task_run for task_run, _ in rows], [coin_id for _, coin_id in rows]
 
     # -- the queue ------------------------------------------------------------------------------
 
@@ -476,12 +486,12 @@ class PostgresStore(Store):
                 conn.execute(
                     "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
                     " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s,"
-                    " refreshing = FALSE WHERE id = %s",
+                    " refreshing = FALSE,"
+                    " listed_seq = CASE WHEN %s THEN nextval('listing_changes') ELSE listed_seq END WHERE id = %s",
                     (record.status, list(record.exchanges) if record.exchanges is not None else None,
-                     record.error, record.fetched_at, record.tickers, record.total, record.complete, claim.coin_id),
+                     record.error, record.fetched_at, record.tickers, record.total, record.complete,
+                     outcome.status == DONE, claim.coin_id),
                 )
-                if outcome.status == DONE and current.refreshing:
-                    self._log_relisted(conn, claim.coin_id)
 
         try:
             self._write(work)
@@ -490,15 +500,6 @@ class PostgresStore(Store):
             return False
         finally:
             self._let_go(claim)
-
-    @staticmethod
-    def _log_relisted(conn: psycopg.Connection, coin_id: str) -> None:
-        """A listed record changed; the log keeps its last ``RELISTED_KEPT`` entries (the state row is held,
-        so entries are numbered in commit order)."""
-        seq = conn.execute("INSERT INTO relisted (coin_id) VALUES (%s) RETURNING seq", (coin_id,)).fetchone()[0]
-        if seq % RELISTED_KEPT == 0:
-            conn.execute("DELETE FROM relisted WHERE seq <= %s", (seq - RELISTED_KEPT,))
-            conn.execute("UPDATE state SET relisted_floor = %s", (seq - RELISTED_KEPT,))
 
     def release(self, claim: Claim) -> None:
         self._execute("UPDATE coins SET status = %s, claim = 0, lease_until = NULL WHERE id = %s AND status = %s"
@@ -690,10 +691,9 @@ class PostgresStore(Store):
         def work(conn: psycopg.Connection) -> int:
             self._lock_state(conn)
             dropped = conn.execute("SELECT COALESCE(sum(n), 0) FROM status_counts").fetchone()[0]
-            # The log's numbers go on (a process's cursor stays meaningful); its floor moves past what is dropped.
-            conn.execute("UPDATE state SET next_task_run = 1, generation = generation + 1, version = version + 1,"
-                         " relisted_floor = GREATEST(relisted_floor, (SELECT COALESCE(MAX(seq), 0) FROM relisted))")
-            conn.execute("TRUNCATE batch_entries, batches, coins, relisted")
+            # listing_changes goes on numbering: a new generation tells every process to read the listing again.
+            conn.execute("UPDATE state SET next_task_run = 1, generation = generation + 1, version = version + 1")
+            conn.execute("TRUNCATE batch_entries, batches, coins")
             conn.execute("UPDATE status_counts SET n = 0")
             return int(dropped)
 

@@ -334,7 +334,8 @@ def new_batch_id() -> str:
 
 COUNT_KEYS = ("submitted", *STATUSES, "duplicates")
 NARROW_RUN_MAX = 2**32 - 1
-RELISTED_KEPT = 4096
+LISTING_LOG_KEPT = 1 << 16
+MAX_TASK_RUN = 2**63 - 1
 
 
 class SortedRuns:
@@ -423,6 +424,10 @@ class ListedCoins:
     def ids_after(self, run: int) -> list[str]:
         return self.ids[bisect.bisect_right(self.runs, run):]
 
+    def between(self, low: int, high: int) -> tuple[list[int], list[str]]:
+        start, end = bisect.bisect_left(self.runs, low), bisect.bisect_left(self.runs, high)
+        return self.runs[start:end], self.ids[start:end]
+
 
 class Tallies:
     """Counts kept as the data changes, so that no request scans the store.
@@ -443,8 +448,8 @@ class Tallies:
         self._listed = ListedCoins()
         self._exchanges: dict[str, SortedRuns] = {}
         self._by_age: list[tuple[float, int]] | None = None
-        self._relisted: list[str] = []
-        self._relisted_base = 0
+        self._changes = array("q")  # taskRuns listed or listed again, oldest first
+        self._changes_base = 0  # the cursor of self._changes[0]
 
     # -- coins --------------------------------------------------------------------------------
 
@@ -496,13 +501,9 @@ class Tallies:
         """A retrieval landed: the coin is listed with ``exchanges``, in place of ``previous`` if it was listed."""
         if task_run in self._listed:
             self._unlist_exchanges(task_run, previous)
-            self._relisted.append(coin_id)
-            if len(self._relisted) > RELISTED_KEPT:
-                dropped = len(self._relisted) // 2
-                del self._relisted[:dropped]
-                self._relisted_base += dropped
         else:
             self._listed.add(task_run, coin_id)
+        self._log_change(task_run)
         for exchange in exchanges:
             self._exchanges.setdefault(exchange, SortedRuns()).add(task_run)
         self.aged(task_run, fetched_at)
@@ -551,12 +552,22 @@ class Tallies:
     def listed_coin(self, task_run: int) -> str:
         return self._listed.coin(task_run)
 
-    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
-        """Coins listed again (refreshed) since ``cursor``; None when the log no longer reaches back that far."""
-        end = self._relisted_base + len(self._relisted)
-        if cursor < self._relisted_base:
+    def _log_change(self, task_run: int) -> None:
+        self._changes.append(task_run)
+        if len(self._changes) > LISTING_LOG_KEPT:
+            dropped = len(self._changes) // 2
+            del self._changes[:dropped]
+            self._changes_base += dropped
+
+    def listing_changes(self, cursor: int | None) -> tuple[list[int] | None, int]:
+        """See ``Store.listing_changes``: the log keeps the last ``LISTING_LOG_KEPT`` changes."""
+        end = self._changes_base + len(self._changes)
+        if cursor is None or not self._changes_base <= cursor <= end:
             return None, end
-        return self._relisted[cursor - self._relisted_base:], end
+        return self._changes[cursor - self._changes_base:].tolist(), end
+
+    def listed_between(self, low: int, high: int) -> tuple[list[int], list[str]]:
+        return self._listed.between(low, high)
 
     def exchange_counts(self) -> list[tuple[str, int]]:
         return [(exchange, len(self._exchanges[exchange].runs)) for exchange in sorted(self._exchanges)]
@@ -648,9 +659,15 @@ class Store(ABC):
         """How long until the oldest done record is ``age`` seconds old; None when none is done."""
 
     @abstractmethod
-    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
-        """Coins whose listed record changed (a refresh landed) since ``cursor``, and the cursor now;
-        None for the coins when the store cannot tell that far back (drop every cached one)."""
+    def listing_changes(self, cursor: int | None) -> tuple[list[int] | None, int]:
+        """The taskRuns whose listed record changed (listed for the first time, or again when a refresh
+        landed) since ``cursor``, a number this method returned, and the cursor to ask with next. None
+        for the taskRuns when ``cursor`` is None or the store can no longer tell that far back: whoever
+        keeps copies of the listing must then read it all again. A clear changes ``generation`` instead."""
+
+    @abstractmethod
+    def listed_between(self, low: int, high: int) -> tuple[list[int], list[str]]:
+        """The listed coins with ``low`` <= taskRun < ``high``: their taskRuns and IDs, in taskRun order."""
 
     @abstractmethod
     def claim_next(self) -> Claim | None:
@@ -823,9 +840,13 @@ class TalliedStore(Store):
     def _refreshable_since(self, task_run: int) -> float | None:
         """``task_run``'s fetched_at if it is done and not being fetched again, else None (the lock is held)."""
 
-    def relisted_since(self, cursor: int) -> tuple[list[str] | None, int]:
+    def listing_changes(self, cursor: int | None) -> tuple[list[int] | None, int]:
         with self._lock:
-            return self._tallies.relisted_since(cursor)
+            return self._tallies.listing_changes(cursor)
+
+    def listed_between(self, low: int, high: int) -> tuple[list[int], list[str]]:
+        with self._lock:
+            return self._tallies.listed_between(low, high)
 
     def latest_listed(self, count: int) -> list[str]:
         with self._lock:

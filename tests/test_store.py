@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+import store as store_module
 from conftest import open_test_store
 from sqlite_store import SqliteStore
 from store import (
@@ -213,6 +214,39 @@ def test_listed_ids_and_generation(store):
     assert store.generation() == first_generation
     store.clear()
     assert store.listed_ids() == [] and store.generation() != first_generation
+
+
+def test_listing_changes_name_each_taskrun_listed_or_listed_again(store):
+    store.submit(["a", "b", "c", "d"])
+    changed, cursor = store.listing_changes(None)
+    assert changed is None
+    claims = {claim.coin_id: claim for claim in iter(store.claim_next, None)}
+    store.finish(claims["c"], Outcome.done(["x"]))
+    store.finish(claims["a"], Outcome.done([]))
+    store.finish(claims["b"], Outcome.failed("boom"))
+    changed, cursor = store.listing_changes(cursor)
+    assert sorted(changed) == [1, 3]
+    assert store.listing_changes(cursor) == ([], cursor)
+    store.submit(["c"], refresh=True)  # queued again, still listed as it was: no change yet
+    assert store.listing_changes(cursor) == ([], cursor)
+    store.finish(store.claim_next(), Outcome.done(["y"]))
+    changed, cursor = store.listing_changes(cursor)
+    assert changed == [3] and store.listing_changes(cursor) == ([], cursor)
+    assert store.listed_between(0, 100) == ([1, 3], ["a", "c"])
+    assert store.listed_between(2, 3) == ([], []) and store.listed_between(3, 4) == ([3], ["c"])
+
+
+def test_the_listing_log_says_when_it_no_longer_reaches_back(monkeypatch):
+    monkeypatch.setattr(store_module, "LISTING_LOG_KEPT", 4)
+    store = MemoryStore()
+    _, start = store.listing_changes(None)
+    store.submit([f"coin-{i}" for i in range(10)])
+    run_all(store)
+    changed, cursor = store.listing_changes(start)
+    assert changed is None and cursor == start + 10
+    store.submit(["coin-0"], refresh=True)
+    run_all(store)
+    assert store.listing_changes(cursor) == ([1], cursor + 1)
 
 
 def test_listing_version_moves_when_the_listing_can_change(store):

@@ -42,7 +42,7 @@ class Services:
     _closed: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        from web.coins import CoinListing
+        from web.listing import CoinListing
 
         if self.listing is None:
             self.listing = CoinListing(self.store)

@@ -9,7 +9,8 @@ What keeps several processes to the contract together:
 * submissions, batch deletions, clearing and finished coins take the one ``state`` row first,
   so taskRun numbers are contiguous, and the listing's version and each landed record's place in
   the log of listing changes (``listed_seq``) follow the order of commits;
-* the status counts are kept by a trigger, in the same transaction as the change;
+* the status counts are kept in the same transaction as the change: by triggers, and by a
+  submission for the coins it inserts;
 * call slots, 429 pauses and credits are rows that every process takes from atomically
   (``PostgresSlots``, ``SharedCredits``), timed by the database's clock.
 
@@ -18,6 +19,7 @@ Everything lives in the schema ``coin_retriever``; its version is migrated like 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -38,10 +40,13 @@ from store import (
     DUPLICATE,
     FAILED,
     INVALID,
+    KIND_CODES,
+    KINDS,
     MALFORMED,
     QUEUED,
     RUNNING,
     STATUSES,
+    BatchEntries,
     BatchNotFound,
     BatchSummary,
     Claim,
@@ -68,6 +73,7 @@ EXCHANGES_CACHED = 256
 
 ENDED = (DONE, INVALID, FAILED)  # the statuses whose moves a batch's row counts (schema 2)
 BATCH_COLUMNS = ("submitted", "duplicates", "malformed", "coins", *ENDED)
+MALFORMED_CODE = KIND_CODES[MALFORMED]
 BULK_COUNTED = "coin_retriever.bulk_counted"  # set in a transaction whose coin moves are counted by batch
 
 # MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction.
@@ -185,13 +191,27 @@ CREATE TRIGGER count_batches AFTER UPDATE OF status ON coins FOR EACH ROW
 """,
     # 3: each record that lands takes the next number of one sequence (under the state row, so in
     # commit order): the listing's changes since a number are an index range, and replace the
-    # log of re-listed coins.
+    # log of re-listed coins. A POST of 50,000 IDs writes as many coins and entries, so what each
+    # row costs was cut: entries lose the per-row foreign-key check (delete_batch deletes a
+    # batch's entries) and the key on their position (the next one is the batch's kept count);
+    # IDs compare byte by byte (no order of IDs is ever shown, and a locale's is slower); the
+    # exchange index holds listed coins only (the only ones it is asked about, and a new coin's
+    # NULL is an entry too); a submission counts the statuses of the coins it inserts, rather
+    # than a trigger reading them all back from a transition table.
     """
 ALTER TABLE coins ADD COLUMN listed_seq BIGINT;
 CREATE SEQUENCE listing_changes;
 CREATE INDEX coins_listing_changes ON coins (listed_seq) WHERE listed_seq IS NOT NULL;
 DROP TABLE relisted;
 ALTER TABLE state DROP COLUMN relisted_floor;
+ALTER TABLE batch_entries DROP CONSTRAINT batch_entries_batch_id_fkey, DROP CONSTRAINT batch_entries_pkey,
+    ALTER COLUMN batch_id TYPE TEXT COLLATE "C", ALTER COLUMN coin_id TYPE TEXT COLLATE "C";
+ALTER TABLE coins ALTER COLUMN id TYPE TEXT COLLATE "C";
+ALTER TABLE batches ALTER COLUMN id TYPE TEXT COLLATE "C";
+DROP INDEX coins_by_exchange;
+CREATE INDEX coins_by_exchange ON coins USING gin (exchanges) WHERE status = 'done' OR refreshing;
+DROP TRIGGER count_statuses_insert ON coins;
+DROP FUNCTION count_statuses_insert();
 """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -336,6 +356,13 @@ class PostgresStore(Store):
         return conn.execute("SELECT next_task_run FROM state FOR UPDATE").fetchone()[0]
 
     @staticmethod
+    def _count_inserted(conn: psycopg.Connection, added: dict[str, int]) -> None:
+        """Add the statuses of inserted coins to their counts (the rows taken in the triggers' order)."""
+        conn.execute("SELECT 1 FROM status_counts ORDER BY status FOR UPDATE")
+        conn.execute("UPDATE status_counts s SET n = s.n + d.k FROM unnest(%s::text[], %s::bigint[]) d(status, k)"
+                     " WHERE s.status = d.status", (list(added), list(added.values())))
+
+    @staticmethod
     def _move_in_bulk(conn: psycopg.Connection, coin_ids: list[str], query: str, params: Sequence) -> None:
         """Run ``query``, which changes the status of ``coin_ids``, and move their batches' counts in
         one step a batch rather than a trigger a coin."""
@@ -357,32 +384,31 @@ class PostgresStore(Store):
                refresh: bool = False) -> SubmitResult:
         def work(conn: psycopg.Connection) -> SubmitResult:
             next_task_run = self._lock_state(conn)
-            batch = batch_id
+            batch, first = batch_id, 1
             if batch is not None:
-                row = conn.execute("SELECT closed FROM batches WHERE id = %s FOR NO KEY UPDATE", (batch,)).fetchone()
+                row = conn.execute("SELECT closed, submitted FROM batches WHERE id = %s FOR NO KEY UPDATE",
+                                   (batch,)).fetchone()
                 require_open(batch, None if row is None else bool(row[0]))
+                first = row[1] + 1
             else:
                 batch = new_batch_id()
                 conn.execute("INSERT INTO batches (id, created) VALUES (%s, %s)", (batch, self._clock()))
-            known = {record.id: record for record in self._fetch(conn, {stored_id(c) for c in coin_ids})}
+            known = {record.id: record for record in self._known(conn, {stored_id(c) for c in coin_ids})}
             plan = plan_submission(batch, coin_ids, next_task_run, known.get, refresh)
             again = plan.refreshed + plan.retried
             if again:
                 self._move_in_bulk(conn, again, "UPDATE coins SET status = %s, error = NULL, refreshing = (status = %s)"
                                    " WHERE id = ANY(%s)", (QUEUED, DONE, again))
             with conn.cursor().copy("COPY coins (id, task_run, status, error) FROM STDIN") as copy:
-                for coin_id, task_run in plan.new_coins:
-                    copy.write_row((coin_id, task_run, QUEUED, None))
-                for coin_id, task_run, reason in plan.new_invalid:
-                    copy.write_row((coin_id, task_run, INVALID, reason))
-            first = conn.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = %s",
-                                 (batch,)).fetchone()[0]
+                copy.write("".join([f"{coin_id}\t{task_run}\t{QUEUED}\t\\N\n" for coin_id, task_run in plan.new_coins]
+                                   + [f"{copy_field(coin_id)}\t{task_run}\t{INVALID}\t{copy_field(reason)}\n"
+                                      for coin_id, task_run, reason in plan.new_invalid]))
+            self._count_inserted(conn, {QUEUED: len(plan.new_runs), INVALID: len(plan.new_invalid)})
+            entries = plan.entries
             with conn.cursor().copy(
                 "COPY batch_entries (batch_id, position, coin_id, task_run, kind) FROM STDIN"
             ) as copy:
-                for offset, entry in enumerate(plan.entries):
-                    copy.write_row((batch, first + offset, entry.coin_id, entry.task_run, entry.kind))
-            entries = plan.entries
+                copy.write(entry_rows(batch, first, entries))
             conn.execute(
                 "UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, coins = coins + %s,"
                 " malformed = malformed + %s, duplicates = duplicates + %s WHERE id = %s",
@@ -557,6 +583,13 @@ class PostgresStore(Store):
     # -- reading --------------------------------------------------------------------------------
 
     @staticmethod
+    def _known(conn: psycopg.Connection, coin_ids) -> list[CoinRecord]:
+        """What a submission needs of the coins it names (their status and number), without their data."""
+        rows = conn.execute("SELECT id, task_run, status, refreshing FROM coins WHERE id = ANY(%s)", (list(coin_ids),))
+        return [CoinRecord(coin_id, task_run, status, refreshing=refreshing) for coin_id, task_run, status, refreshing
+                in rows]
+
+    @staticmethod
     def _fetch(conn: psycopg.Connection, coin_ids) -> list[CoinRecord]:
         rows = conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = ANY(%s)", (list(coin_ids),))
         return [_record(row) for row in rows]
@@ -677,7 +710,8 @@ class PostgresStore(Store):
                 " ORDER BY c.task_run",
                 (batch_id, COIN, QUEUED, RUNNING),
             ).fetchall()
-            conn.execute("DELETE FROM batches WHERE id = %s", (batch_id,))  # first: no counts to move in it
+            conn.execute("DELETE FROM batch_entries WHERE batch_id = %s", (batch_id,))  # first: no counts to move
+            conn.execute("DELETE FROM batches WHERE id = %s", (batch_id,))
             conn.execute("DELETE FROM coins WHERE id = ANY(%s)", ([row[0] for row in cancelled if not row[2]],))
             relisted = [row[0] for row in cancelled if row[2]]
             self._move_in_bulk(conn, relisted, "UPDATE coins SET status = %s, refreshing = FALSE, claim = 0,"
@@ -706,6 +740,25 @@ class PostgresStore(Store):
 
 class _StaleClaim(Exception):
     """The claim no longer holds its coin (cancelled, cleared, or taken over): roll back."""
+
+
+COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_field(value: str) -> str:
+    """``value`` as a field of COPY's text format."""
+    return value.translate(COPY_ESCAPES)
+
+
+def entry_rows(batch_id: str, first: int, entries: BatchEntries) -> str:
+    """A batch's entries as COPY text, numbered from ``first``. Only a malformed ID needs escaping: a
+    well-formed one holds no white space, control character or backslash (``malformed_reason``)."""
+    rows = []
+    for position, coin_id, task_run, code in zip(itertools.count(first), entries.coin_ids, entries.task_runs,
+                                                 entries.kinds):
+        shown = copy_field(coin_id) if code == MALFORMED_CODE else coin_id
+        rows.append(f"{batch_id}\t{position}\t{shown}\t{task_run}\t{KINDS[code]}\n")
+    return "".join(rows)
 
 
 def _record(row: tuple) -> CoinRecord:

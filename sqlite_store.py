@@ -261,7 +261,7 @@ class SqliteStore(TalliedStore):
             tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
         for coin_id in plan.refreshed:
             tallies.coin_changed(coin_id, runs[coin_id], DONE, QUEUED)
-        tallies.entries_added(plan.result.batch, plan.entries, lambda coin_id: QUEUED)
+        tallies.submission_added(plan.result.batch, plan.entries)
 
     def claim_next(self) -> Claim | None:
         with self._lock, self._transaction() as conn:

@@ -117,6 +117,18 @@ def test_malformed_entries_are_never_queued(store):
     )
 
 
+def test_malformed_ids_with_a_tab_a_line_break_or_a_backslash_are_stored_as_they_came(store):
+    ids = ["a\tb", "c\nd", "e\\f", "g\r\\N", "ok"]
+    batch = store.submit(ids).batch
+    for number, coin_id in enumerate(ids[:4], start=1):
+        record = store.record(coin_id)
+        assert (record.id, record.task_run, record.status) == (coin_id, number, INVALID), coin_id
+        assert record.error.startswith("malformed ID: contains ")
+    assert store.batch(batch).counts == {"submitted": 5, "queued": 1, "running": 0, "done": 0, "invalid": 4,
+                                         "failed": 0, "duplicates": 0}
+    assert run_all(store) == ["ok"]
+
+
 def test_unknown_or_closed_batch_changes_nothing(store):
     opened = store.submit(["a"], close=True)
     version = store.listing_version()

@@ -252,3 +252,49 @@ def test_batch_counts_written_before_they_were_kept_are_counted_by_the_migration
         assert store.batch("b2").counts["done"] == 1 and store.batch("b2").counts["queued"] == 0
     finally:
         store.close()
+
+
+def test_a_schema_2_database_moves_to_the_listing_sequence_and_entries_without_a_key(postgres_url, monkeypatch):
+    """Schema 3 drops the re-listed log, the entries' key and foreign key: a database written before it
+    goes on numbering its batches' entries, listing what changed, and deleting a batch's entries."""
+    import psycopg
+
+    import postgres_store
+
+    monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:2])
+    old = PostgresStore(postgres_url)
+    batch = old._write(lambda conn: _submit_as_schema_2(conn))
+    old.close()
+    monkeypatch.undo()
+
+    store = PostgresStore(postgres_url)
+    try:
+        changed, cursor = store.listing_changes(None)
+        assert changed is None and store.listed_between(0, 10) == ([1], ["a"])
+        assert store.submit(["c", "a"], batch_id=batch).task_runs == {"c": 3, "a": 1}
+        assert store.status_counts() == {"queued": 2, "running": 0, "done": 1, "invalid": 0, "failed": 0}
+        while (claim := store.claim_next()) is not None:
+            store.finish(claim, Outcome.done(["x"]))
+        changed, _ = store.listing_changes(cursor)
+        assert sorted(changed) == [2, 3] and store.listed_between(0, 10) == ([1, 2, 3], ["a", "b", "c"])
+        with psycopg.connect(postgres_url) as conn:
+            positions = conn.execute("SELECT position, coin_id, kind FROM coin_retriever.batch_entries"
+                                     " ORDER BY position").fetchall()
+        assert positions == [(1, "a", "coin"), (2, "b", "coin"), (3, "c", "coin"), (4, "a", "duplicate")]
+        store.delete_batch(batch)
+        with psycopg.connect(postgres_url) as conn:
+            assert conn.execute("SELECT count(*) FROM coin_retriever.batch_entries").fetchone()[0] == 0
+    finally:
+        store.close()
+
+
+def _submit_as_schema_2(conn) -> str:
+    """Two coins in one open batch and the first of them done, written as schema 2 wrote them."""
+    conn.execute("INSERT INTO batches (id, created, submitted, coins, done) VALUES ('b', 1, 2, 2, 1)")
+    conn.execute("INSERT INTO coins (id, task_run, status, exchanges) VALUES ('a', 1, 'done', ARRAY['x']),"
+                 " ('b', 2, 'queued', NULL)")
+    conn.execute("INSERT INTO batch_entries VALUES ('b', 1, 'a', 1, 'coin'), ('b', 2, 'b', 2, 'coin')")
+    conn.execute("UPDATE state SET next_task_run = 3")
+    conn.execute("INSERT INTO relisted (coin_id) VALUES ('a')")
+    return "b"

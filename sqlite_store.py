@@ -22,6 +22,7 @@ from store import (
     DONE,
     FAILED,
     INVALID,
+    KINDS,
     QUEUED,
     RUNNING,
     BatchEntry,
@@ -225,10 +226,8 @@ class SqliteStore(TalliedStore):
                 "UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
                 [(QUEUED, coin_id) for coin_id in plan.refreshed],
             )
-            conn.executemany(
-                "INSERT INTO coins (id, task_run, status) VALUES (?, ?, ?)",
-                [(coin_id, task_run, QUEUED) for coin_id, task_run in plan.new_coins],
-            )
+            conn.executemany("INSERT INTO coins (id, task_run, status) VALUES (?, ?, ?)",
+                             zip(plan.new_ids, plan.new_runs, itertools.repeat(QUEUED)))
             conn.executemany(
                 "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
                 [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
@@ -240,9 +239,11 @@ class SqliteStore(TalliedStore):
             first = conn.execute(
                 "SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = ?", (batch_id,)
             ).fetchone()[0]
+            entries = plan.entries
             conn.executemany(
                 "INSERT INTO batch_entries (batch_id, position, coin_id, task_run, kind) VALUES (?, ?, ?, ?, ?)",
-                [(batch_id, first + i, e.coin_id, e.task_run, e.kind) for i, e in enumerate(plan.entries)],
+                zip(itertools.repeat(batch_id), itertools.count(first), entries.coin_ids, entries.task_runs,
+                    map(KINDS.__getitem__, entries.kinds)),
             )
             if close:
                 conn.execute("UPDATE batches SET closed = 1 WHERE id = ?", (batch_id,))
@@ -256,7 +257,8 @@ class SqliteStore(TalliedStore):
         tallies.queued_coins_added(plan.new_runs)
         for coin_id, task_run, _ in plan.new_invalid:
             tallies.coin_added(coin_id, task_run, INVALID)
-        runs = {entry.coin_id: entry.task_run for entry in plan.entries}
+        runs = dict(zip(plan.entries.coin_ids, plan.entries.task_runs, strict=True)) if plan.retried or plan.refreshed \
+            else {}
         for coin_id in plan.retried:
             tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
         for coin_id in plan.refreshed:

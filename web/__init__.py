@@ -14,6 +14,7 @@ from flask import Flask, Response, current_app, request
 
 from metrics import Metrics
 from store import MemoryStore, Store
+from web.listing import CoinListing
 from worker import Worker
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,10 @@ class Services:
     store: Store
     worker: Worker
     metrics: Metrics = field(default_factory=Metrics)
-    listing: object = None
+    listing: CoinListing | None = None
     _closed: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        from web.listing import CoinListing
-
         if self.listing is None:
             self.listing = CoinListing(self.store)
         self.metrics.watch(self)

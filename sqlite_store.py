@@ -257,12 +257,12 @@ class SqliteStore(TalliedStore):
         tallies.queued_coins_added(plan.new_runs)
         for coin_id, task_run, _ in plan.new_invalid:
             tallies.coin_added(coin_id, task_run, INVALID)
-        runs = dict(zip(plan.entries.coin_ids, plan.entries.task_runs, strict=True)) if plan.retried or plan.refreshed \
-            else {}
-        for coin_id in plan.retried:
-            tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
-        for coin_id in plan.refreshed:
-            tallies.coin_changed(coin_id, runs[coin_id], DONE, QUEUED)
+        if plan.retried or plan.refreshed:
+            runs = dict(zip(plan.entries.coin_ids, plan.entries.task_runs, strict=True))
+            for coin_id in plan.retried:
+                tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
+            for coin_id in plan.refreshed:
+                tallies.coin_changed(coin_id, runs[coin_id], DONE, QUEUED)
         tallies.submission_added(plan.result.batch, plan.entries)
 
     def claim_next(self) -> Claim | None:

@@ -6,8 +6,9 @@ for) and those fragments joined. When the listing changes, the store says which 
 changed (``Store.listing_changes``): only their segments are read again, only the changed
 records are encoded again, and only those segments are joined again. A body is the segments'
 bytes in order, handed to the server as they are: a 34 MB listing is never copied into one
-piece. A clear (a new generation), or a store that can no longer say what changed, starts
-the segments afresh.
+piece. ``?since=`` takes the segments after it whole; ``?batch=`` picks the batch's coins out of
+them (a set lookup per listed coin, no record read). A clear (a new generation), or a store that
+can no longer say what changed, starts the segments afresh.
 """
 
 from __future__ import annotations

@@ -364,7 +364,10 @@ class PostgresStore(Store):
 
     @staticmethod
     def _count_inserted(conn: psycopg.Connection, added: dict[str, int]) -> None:
-        """Add the statuses of inserted coins to their counts (the rows taken in the triggers' order)."""
+        """Add the statuses of inserted coins to their counts (the rows taken in the triggers' order; not at
+        all when nothing was inserted, since every claim's trigger takes them too)."""
+        if not any(added.values()):
+            return
         conn.execute("SELECT 1 FROM status_counts ORDER BY status FOR UPDATE")
         conn.execute("UPDATE status_counts s SET n = s.n + d.k FROM unnest(%s::text[], %s::bigint[]) d(status, k)"
                      " WHERE s.status = d.status", (list(added), list(added.values())))

@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from store import (
-    COIN,
+    COIN_MASK,
     DONE,
     FAILED,
     INVALID,
-    KINDS,
     QUEUED,
     RUNNING,
-    BatchEntry,
+    BatchEntries,
     BatchNotFound,
     BatchSummary,
     Claim,
@@ -97,6 +96,24 @@ CREATE TABLE credits (month TEXT PRIMARY KEY, used INTEGER NOT NULL);
     """
 ALTER TABLE coins ADD COLUMN refreshing INTEGER NOT NULL DEFAULT 0;
 """,
+    # 5: a submission's entries in one row, as the three columns the store keeps them in (BatchEntries),
+    # rather than a row (and three B-tree insertions) for each: a POST of 50,000 IDs writes one row.
+    # The kinds are KIND_CODES, one byte an entry; a file's older entries become one part each.
+    """
+CREATE TABLE batch_parts (
+    batch_id TEXT NOT NULL,
+    first INTEGER NOT NULL,
+    coin_ids TEXT NOT NULL,
+    task_runs TEXT NOT NULL,
+    kinds BLOB NOT NULL,
+    PRIMARY KEY (batch_id, first)
+) WITHOUT ROWID;
+INSERT INTO batch_parts
+    SELECT batch_id, position, json_array(coin_id), json_array(task_run),
+           CASE kind WHEN 'coin' THEN x'00' WHEN 'duplicate' THEN x'01' ELSE x'02' END
+    FROM batch_entries;
+DROP TABLE batch_entries;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -146,12 +163,9 @@ class SqliteStore(TalliedStore):
             statuses[coin_id] = status
         for (batch_id,) in self._conn.execute("SELECT id FROM batches ORDER BY position").fetchall():
             tallies.batch_added(batch_id)
-            entries = self._conn.execute(
-                "SELECT coin_id, task_run, kind FROM batch_entries WHERE batch_id = ? ORDER BY position", (batch_id,)
-            )
-            tallies.entries_added(batch_id, (BatchEntry(*row) for row in entries),
-                                  lambda coin_id: statuses.get(coin_id, INVALID))
+            tallies.entries_added(batch_id, self._entries(batch_id), lambda coin_id: statuses.get(coin_id, INVALID))
         return tallies
+
     def _migrate(self, path: str) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -180,6 +194,26 @@ class SqliteStore(TalliedStore):
             except sqlite3.Error:
                 self._tallies = self._load_tallies()
                 raise
+
+    def _entries(self, batch_id: str, other_batches: bool = False) -> BatchEntries:
+        """The entries of ``batch_id`` in the order they were made; with ``other_batches``, every other batch's."""
+        entries = BatchEntries()
+        for coin_ids, task_runs, kinds in self._conn.execute(
+            f"SELECT coin_ids, task_runs, kinds FROM batch_parts WHERE batch_id {'!=' if other_batches else '='} ?"
+            " ORDER BY batch_id, first", (batch_id,)
+        ):
+            entries.coin_ids += json.loads(coin_ids)
+            entries.task_runs += json.loads(task_runs)
+            entries.kinds += kinds
+        return entries
+
+    def _add_entries(self, batch_id: str, entries: BatchEntries) -> None:
+        if entries:
+            self._conn.execute(
+                "INSERT INTO batch_parts (batch_id, first, coin_ids, task_runs, kinds) VALUES (?, ?, ?, ?, ?)",
+                (batch_id, self._tallies.submitted(batch_id) + 1, json.dumps(entries.coin_ids),
+                 json.dumps(entries.task_runs), bytes(entries.kinds)),
+            )
 
     def _counter(self, name: str) -> int:
         return self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
@@ -226,8 +260,8 @@ class SqliteStore(TalliedStore):
                 "UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
                 [(QUEUED, coin_id) for coin_id in plan.refreshed],
             )
-            conn.executemany("INSERT INTO coins (id, task_run, status) VALUES (?, ?, ?)",
-                             zip(plan.new_ids, plan.new_runs, itertools.repeat(QUEUED)))
+            conn.execute("INSERT INTO coins (id, task_run, status) SELECT key, value, ? FROM json_each(?)",
+                         (QUEUED, json.dumps(dict(plan.new_coins))))
             conn.executemany(
                 "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
                 [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
@@ -236,15 +270,7 @@ class SqliteStore(TalliedStore):
                 "UPDATE coins SET status = ?, error = NULL WHERE id = ?",
                 [(QUEUED, coin_id) for coin_id in plan.retried],
             )
-            first = conn.execute(
-                "SELECT COALESCE(MAX(position), 0) + 1 FROM batch_entries WHERE batch_id = ?", (batch_id,)
-            ).fetchone()[0]
-            entries = plan.entries
-            conn.executemany(
-                "INSERT INTO batch_entries (batch_id, position, coin_id, task_run, kind) VALUES (?, ?, ?, ?, ?)",
-                zip(itertools.repeat(batch_id), itertools.count(first), entries.coin_ids, entries.task_runs,
-                    map(KINDS.__getitem__, entries.kinds)),
-            )
+            self._add_entries(batch_id, plan.entries)
             if close:
                 conn.execute("UPDATE batches SET closed = 1 WHERE id = ?", (batch_id,))
             self._set_counter("next_task_run", plan.next_task_run)
@@ -393,8 +419,7 @@ class SqliteStore(TalliedStore):
                 return listed
             if self._conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
-            wanted = {row[0] for row in self._conn.execute(
-                "SELECT coin_id FROM batch_entries WHERE batch_id = ?", (batch_id,))}
+            wanted = set(self._entries(batch_id).coin_ids)
             return [coin_id for coin_id in listed if coin_id in wanted]
 
     def _summaries(self, where: str = "", params: tuple = ()) -> list[BatchSummary]:
@@ -421,35 +446,38 @@ class SqliteStore(TalliedStore):
         with self._lock, self._transaction() as conn:
             if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
-            cancelled = conn.execute(
-                "SELECT DISTINCT e.coin_id, c.task_run, c.status, c.refreshing, c.fetched_at FROM batch_entries e"
-                " JOIN coins c ON c.id = e.coin_id"
-                " WHERE e.batch_id = ? AND e.kind = ? AND c.status IN (?, ?) AND (c.refreshing = 1 OR NOT EXISTS ("
-                "  SELECT 1 FROM batch_entries o WHERE o.coin_id = e.coin_id AND o.batch_id != e.batch_id))"
-                " ORDER BY c.task_run",
-                (batch_id, COIN, QUEUED, RUNNING),
-            ).fetchall()
-            entries = conn.execute(
-                "SELECT coin_id, task_run, kind FROM batch_entries WHERE batch_id = ?", (batch_id,)
-            ).fetchall()
-            conn.executemany("DELETE FROM coins WHERE id = ?", [(row[0],) for row in cancelled if not row[3]])
+            entries = self._entries(batch_id)
+            cancelled = self._cancelled_with(batch_id, entries)
+            conn.executemany("DELETE FROM coins WHERE id = ?", [(record.id,) for record in cancelled
+                                                                 if not record.refreshing])
             conn.executemany("UPDATE coins SET status = ?, refreshing = 0, claim = 0 WHERE id = ?",
-                             [(DONE, row[0]) for row in cancelled if row[3]])
+                             [(DONE, record.id) for record in cancelled if record.refreshing])
+            conn.execute("DELETE FROM batch_parts WHERE batch_id = ?", (batch_id,))
             conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            self._tallies.batch_removed(batch_id, (BatchEntry(*row) for row in entries))
-            for coin_id, task_run, status, refreshing, fetched_at in cancelled:
-                if refreshing:
-                    self._tallies.coin_changed(coin_id, task_run, status, DONE)
-                    self._tallies.aged(task_run, fetched_at)
+            self._tallies.batch_removed(batch_id, entries)
+            for record in cancelled:
+                if record.refreshing:
+                    self._tallies.coin_changed(record.id, record.task_run, record.status, DONE)
+                    self._tallies.aged(record.task_run, record.fetched_at)
                 else:
-                    self._tallies.coin_removed(coin_id, task_run, status)
+                    self._tallies.coin_removed(record.id, record.task_run, record.status)
             self._version += 1
-            return [row[0] for row in cancelled]
+            return [record.id for record in cancelled]
+
+    def _cancelled_with(self, batch_id: str, entries: BatchEntries) -> list[CoinRecord]:
+        """The coins deleting ``batch_id`` cancels, in taskRun order: its queued or running coins that no
+        other batch refers to (in any entry), and the refreshes it asked for."""
+        coins = set(itertools.compress(entries.coin_ids, entries.kinds.translate(COIN_MASK)))
+        pending = [record for record in self._fetch(coins) if record.status in (QUEUED, RUNNING)]
+        if not all(record.refreshing for record in pending):
+            referred = set(self._entries(batch_id, other_batches=True).coin_ids)
+            pending = [record for record in pending if record.refreshing or record.id not in referred]
+        return sorted(pending, key=lambda record: record.task_run)
 
     def clear(self) -> int:
         with self._lock, self._transaction() as conn:
             dropped = conn.execute("DELETE FROM coins").rowcount
-            conn.execute("DELETE FROM batch_entries")
+            conn.execute("DELETE FROM batch_parts")
             conn.execute("DELETE FROM batches")
             conn.execute("UPDATE counters SET value = 1")
             self._tallies = Tallies()

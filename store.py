@@ -648,6 +648,10 @@ class Tallies:
                 if len(held) == 1:
                     self._coin_batches[entry.coin_id] = held[0]
 
+    def submitted(self, batch_id: str) -> int:
+        """How many entries the batch has."""
+        return self._batches[batch_id]["submitted"]
+
     def batch_counts(self, batch_id: str) -> BatchCounts:
         """The batch's counts, and its last queued coin's taskRun (for its ETA)."""
         queued = self._batch_queued[batch_id]

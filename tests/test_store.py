@@ -320,6 +320,67 @@ def test_sqlite_refuses_a_file_from_a_newer_release(tmp_path):
         SqliteStore(path)
 
 
+def test_sqlite_writes_a_submission_as_one_row_and_reads_its_entries_back(tmp_path):
+    """A submission's entries are one row (schema 5): three submissions into a batch are three rows,
+    and a reopened file counts, lists and deletes by the entries those rows hold."""
+    path = str(tmp_path / "coins.db")
+    store = SqliteStore(path)
+    batch = store.submit(["a", "b", "a", "bad id"]).batch
+    store.submit(["c", "b"], batch_id=batch)
+    store.submit([f"x{i}" for i in range(1000)], batch_id=batch, close=True)
+    other = store.submit(["c", "d"]).batch
+    store.finish(store.claim_next(), Outcome.done(["x"]))
+    store.close()
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT batch_id, first, length(kinds) FROM batch_parts ORDER BY batch_id = ?, first",
+                            (other,)).fetchall()
+    assert rows == [(batch, 1, 4), (batch, 5, 2), (batch, 7, 1000), (other, 1, 2)]
+
+    store = SqliteStore(path)
+    counts = store.batch(batch).counts
+    assert (counts["submitted"], counts["duplicates"], counts["invalid"], counts["done"], counts["queued"]) == (
+        1006, 2, 1, 1, 1002)
+    assert store.listed_ids(batch_id=batch) == ["a"] and store.listed_ids(batch_id=other) == []
+    cancelled = store.delete_batch(batch)
+    assert cancelled == ["b", *(f"x{i}" for i in range(1000))]  # "c" stays: the other batch refers to it
+    assert store.record("c").status == QUEUED and store.record("b") is None
+    store.close()
+
+
+def test_a_schema_4_sqlite_file_moves_its_entries_to_one_part_each(tmp_path):
+    """Entries written a row each (schema 4) keep their order and kinds: the batch counts as it did,
+    takes more entries after them, and is deleted with them."""
+    import sqlite_store
+
+    path = str(tmp_path / "coins.db")
+    with sqlite3.connect(path) as conn:
+        for step in sqlite_store.MIGRATIONS[:4]:
+            conn.executescript(step)
+        conn.executescript("""
+            INSERT INTO coins (id, task_run, status, exchanges) VALUES ('a', 1, 'done', '["x"]');
+            INSERT INTO coins (id, task_run, status) VALUES ('b', 2, 'queued');
+            INSERT INTO coins (id, task_run, status, error) VALUES ('bad id', 4, 'invalid', 'malformed');
+            INSERT INTO batches (id, created, position) VALUES ('b1', 1, 1);
+            INSERT INTO batch_entries VALUES ('b1', 1, 'a', 1, 'coin'), ('b1', 2, 'b', 2, 'coin'),
+                ('b1', 3, 'a', 1, 'duplicate'), ('b1', 4, 'bad id', 4, 'malformed');
+            UPDATE counters SET value = 5 WHERE name = 'next_task_run';
+            UPDATE counters SET value = 2 WHERE name = 'next_batch_position';
+            PRAGMA user_version = 4;
+        """)
+    conn.close()
+
+    store = SqliteStore(path)
+    counts = store.batch("b1").counts
+    assert (counts["submitted"], counts["duplicates"], counts["invalid"], counts["done"], counts["queued"]) == (
+        4, 1, 1, 1, 1)
+    assert store.submit(["c"], batch_id="b1").task_runs == {"c": 5}
+    assert store.batch("b1").counts["submitted"] == 5
+    assert store.delete_batch("b1") == ["b", "c"]
+    assert store._conn.execute("SELECT count(*) FROM batch_parts").fetchone()[0] == 0
+    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+    store.close()
+
+
 def test_sqlite_uses_wal(tmp_path):
     store = SqliteStore(str(tmp_path / "coins.db"))
     assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -186,8 +186,10 @@ class BatchEntries:
             yield BatchEntry(coin_id, task_run, KINDS[code])
 
 
-@dataclass(frozen=True, slots=True)
-class BatchSummary:
+class BatchSummary(NamedTuple):
+    """A batch as the API shows it. A tuple rather than a dataclass: ``GET /batches`` makes one per
+    batch, and a frozen dataclass took three times as long to make."""
+
     id: str
     created: float
     closed: bool
@@ -310,8 +312,7 @@ def plan_submission(
     return plan
 
 
-@dataclass(frozen=True, slots=True)
-class BatchCounts:
+class BatchCounts(NamedTuple):
     counts: dict[str, int]
     last_queued_task_run: int | None
 

@@ -344,6 +344,34 @@ def test_batch_life_appending_and_closing(app, http):
     assert [b["batch"] for b in http.get("/batches").get_json()["batches"]] == [batch, other["batch"]]
 
 
+def test_the_batch_listing_follows_every_change_to_a_settled_batch_and_reads_as_jsonify_wrote_it(app, http):
+    settled = post_json(http, ["bitcoin", "nope-coin"]).get_json()["batch"]
+    deleted = post_json(http, ["tether"]).get_json()["batch"]
+    drain(app)
+    busy = post_json(http, ["ethereum"]).get_json()["batch"]
+    before = http.get("/batches").get_json()["batches"]
+    assert [(b["batch"], b["done"], b["invalid"], b["queued"], b["closed"]) for b in before] == [
+        (settled, 1, 1, 0, False), (deleted, 1, 0, 0, False), (busy, 0, 0, 1, False)]
+
+    post_json(http, {"coins": ["bitcoin"], "batch": settled, "lastBatch": True})
+    http.delete(f"/batches/{deleted}")
+
+    answer = http.get("/batches")
+    views = [http.get(f"/batches/{batch}").get_json() for batch in (settled, busy)]
+    assert answer.data == (json.dumps({"batches": views}, separators=(",", ":")) + "\n").encode()
+    assert answer.mimetype == "application/json"
+    assert [(b["submitted"], b["duplicates"], b["closed"], b["complete"]) for b in views] == [
+        (3, 1, True, True), (1, 0, False, False)]
+
+    refresh = post_json(http, ["bitcoin"], query_string={"refresh": "true"}).get_json()["batch"]
+    refreshing = http.get("/batches").get_json()["batches"]
+    assert [(b["batch"], b["done"], b["queued"], b["complete"]) for b in refreshing] == [
+        (settled, 0, 1, False), (busy, 0, 1, False), (refresh, 0, 1, False)]
+    drain(app)
+    after = http.get("/batches").get_json()["batches"]
+    assert [(b["done"], b["queued"], b["complete"]) for b in after] == [(1, 0, True), (1, 0, False), (1, 0, False)]
+
+
 def test_closing_with_query_flag(http):
     batch = http.post("/coins?last=true", data="bitcoin", content_type="text/plain").get_json()["batch"]
     assert http.get(f"/batches/{batch}").get_json()["closed"] is True

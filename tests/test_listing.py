@@ -1,5 +1,6 @@
 """The listing kept in segments, on every store: a change costs its own segment, and every form
-and filter reads exactly as a listing built afresh."""
+and filter reads exactly as a listing built afresh. And the batch listing, which keeps each
+settled batch's object encoded."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import json
 import pytest
 
 import web.listing as listing_module
-from store import Outcome
+from store import COUNT_KEYS, BatchSummary, Outcome
 from test_api import counted
+from web.batch_listing import BatchListing
 from web.listing import CoinListing
 
 SMALL = 4  # taskRuns a segment in these tests: ten coins make three segments
@@ -103,3 +105,36 @@ def test_a_clear_starts_the_segments_afresh(store):
     finish_all(store, lambda coin: ["new"])
     assert json_of(listing, store) == [{"exchanges": ["new"], "id": "z", "taskRun": 1},
                                        {"exchanges": ["new"], "id": "y", "taskRun": 2}]
+
+
+# -- GET /batches ---------------------------------------------------------------------------------
+
+
+def summary(batch_id: str, closed: bool = True, **counts: int) -> BatchSummary:
+    shown = dict.fromkeys(COUNT_KEYS, 0) | counts
+    return BatchSummary(batch_id, 0.0, closed, shown, None)
+
+
+def test_the_batch_listing_encodes_a_settled_batch_again_only_when_what_it_shows_changes():
+    made = []
+
+    def view_of(batch: BatchSummary) -> dict:
+        made.append(batch.id)
+        return {"batch": batch.id, **batch.counts, "closed": batch.closed}
+
+    listing = BatchListing()
+    settled, busy, other = summary("a", submitted=2, done=2), summary("b", queued=1), summary("c", invalid=1)
+    first = listing.body([settled, busy, other], view_of)
+    assert listing.body([settled, busy, other], view_of) == first
+    assert made == ["a", "b", "c", "b"]
+
+    made.clear()
+    changed = [summary("a", submitted=2, done=1, failed=1), busy, summary("c", closed=False, invalid=1)]
+    body = listing.body(changed, view_of)
+    assert made == ["a", "b", "c"]
+    assert json.loads(body) == {"batches": [view_of(batch) for batch in changed]}
+
+    made.clear()
+    assert listing.body([busy], view_of) == listing.body([busy], view_of)
+    listing.body([changed[0]], view_of)
+    assert made == ["b", "b", "a"], "a batch left out of a listing is forgotten"

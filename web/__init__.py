@@ -14,6 +14,7 @@ from flask import Flask, Response, current_app, request
 
 from metrics import Metrics
 from store import MemoryStore, Store
+from web.batch_listing import BatchListing
 from web.listing import CoinListing
 from worker import Worker
 
@@ -40,6 +41,7 @@ class Services:
     worker: Worker
     metrics: Metrics = field(default_factory=Metrics)
     listing: CoinListing | None = None
+    batch_listing: BatchListing = field(default_factory=BatchListing)
     _closed: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from memory import release_freed_memory
 from store import BatchNotFound, BatchSummary
 from web import Services, services
+from web.batch_listing import has_coins_left
 
 blueprint = Blueprint("batches", __name__)
 
@@ -14,7 +15,8 @@ blueprint = Blueprint("batches", __name__)
 @blueprint.get("/batches")
 def list_batches():
     svc = services()
-    response = jsonify(batches=[batch_view(summary, svc) for summary in svc.store.batches()])
+    body = svc.batch_listing.body(svc.store.batches(), lambda summary: batch_view(summary, svc))
+    response = current_app.response_class(body, mimetype=current_app.json.mimetype)
     response.add_etag()
     return response.make_conditional(request)
 
@@ -44,8 +46,7 @@ def batch_view(summary: BatchSummary, svc: Services) -> dict:
         "complete": summary.complete,
         "eta": None,
     }
-    remaining = summary.counts["queued"] + summary.counts["running"]
-    if remaining:
+    if has_coins_left(summary):
         ahead = svc.store.queued_up_to(summary.last_queued_task_run) if summary.last_queued_task_run else 0
         view["eta"] = svc.worker.eta_seconds(ahead + summary.counts["running"])
     return view

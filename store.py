@@ -275,6 +275,45 @@ def plan_submission(
     listed until its new retrieval lands).
     """
     plan = SubmissionPlan(result=SubmitResult(batch=batch_id), next_task_run=next_task_run + len(coin_ids))
+    if all_new(coin_ids, lookup):
+        number_all_new(plan, coin_ids, next_task_run)
+    else:
+        plan_each_entry(plan, coin_ids, next_task_run, lookup, refresh)
+    return plan
+
+
+def all_new(coin_ids: Sequence[str], lookup: Callable[[str], CoinRecord | None]) -> bool:
+    """Whether every ID is well formed ASCII, none repeats and none is known: the usual POST of a
+    new list, which ``number_all_new`` numbers in a few whole-list steps. Each test is one pass in C."""
+    joined = "".join(coin_ids)
+    return (
+        joined.isascii()
+        and ASCII_FORBIDDEN.search(joined) is None
+        and max(map(len, coin_ids), default=0) <= MAX_ID_LENGTH
+        and len(set(coin_ids)) == len(coin_ids)
+        and not any(map(lookup, coin_ids))
+    )
+
+
+def number_all_new(plan: SubmissionPlan, coin_ids: Sequence[str], next_task_run: int) -> None:
+    """``plan_each_entry``'s plan for IDs that ``all_new`` passed: each a new coin under the next number."""
+    ids = list(coin_ids)
+    runs = list(range(next_task_run, next_task_run + len(ids)))
+    plan.new_ids, plan.new_runs = ids, runs
+    plan.result.queued = list(ids)
+    plan.result.task_runs = dict(zip(ids, runs, strict=True))
+    plan.entries.coin_ids, plan.entries.task_runs = list(ids), list(runs)
+    plan.entries.kinds = bytearray([KIND_CODES[COIN]]) * len(ids)
+
+
+def plan_each_entry(
+    plan: SubmissionPlan,
+    coin_ids: Sequence[str],
+    next_task_run: int,
+    lookup: Callable[[str], CoinRecord | None],
+    refresh: bool,
+) -> None:
+    """Decide entry by entry: for submissions with malformed, repeated or known IDs."""
     result = plan.result
     task_runs, add_entry = result.task_runs, plan.entries.append
     seen: dict[str, int] = {}
@@ -309,7 +348,6 @@ def plan_submission(
         else:
             result.duplicates.append(coin_id)
             add_entry(coin_id, record.task_run, DUPLICATE)
-    return plan
 
 
 class BatchCounts(NamedTuple):

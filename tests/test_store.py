@@ -22,7 +22,12 @@ from store import (
     MemoryStore,
     Outcome,
     StoreError,
+    SubmissionPlan,
+    SubmitResult,
+    all_new,
     malformed_reason,
+    plan_each_entry,
+    plan_submission,
 )
 
 STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
@@ -105,6 +110,37 @@ def test_malformed_ids():
     assert malformed_reason("x" * 201) == "longer than 200 characters"
     for bad in ["a b", "a\tb", "a\u00a0b", "a/b", "a\\b", "a?b", "a#b", "a%20b", "a\x00b", "a\x7fb", "a\u200bb"]:
         assert malformed_reason(bad) is not None, bad
+
+
+def plan_fields(plan: SubmissionPlan) -> tuple:
+    entries = plan.entries
+    return (plan.result, plan.new_ids, plan.new_runs, plan.new_invalid, plan.refreshed, plan.retried,
+            entries.coin_ids, entries.task_runs, bytes(entries.kinds), plan.next_task_run)
+
+
+def test_a_list_of_new_ids_is_numbered_in_bulk_exactly_as_entry_by_entry():
+    ids = [f"coin-{i}" for i in range(1_000)] + ["x" * 200, "b"]
+    bulk = plan_submission("b", ids, 41, {}.get)
+    each = SubmissionPlan(result=SubmitResult(batch="b"), next_task_run=41 + len(ids))
+    plan_each_entry(each, ids, 41, {}.get, refresh=False)
+
+    assert all_new(ids, {}.get)
+    assert plan_fields(bulk) == plan_fields(each)
+    assert bulk.result.task_runs["coin-0"] == 41 and bulk.next_task_run == 41 + len(ids)
+    assert bulk.entries.coin_ids is not bulk.new_ids and bulk.result.queued is not bulk.new_ids
+
+
+@pytest.mark.parametrize("odd", ["a b", "a/b", "a\x00b", "bücoin", "x" * 201, "coin-3", "known"])
+def test_a_list_with_one_malformed_repeated_or_known_id_is_planned_entry_by_entry(odd):
+    known = {"known": CoinRecord("known", 7, DONE, ())}
+    ids = [f"coin-{i}" for i in range(5)] + [odd]
+
+    assert not all_new(ids, known.get)
+    plan = plan_submission("b", ids, 10, known.get)
+    each = SubmissionPlan(result=SubmitResult(batch="b"), next_task_run=16)
+    plan_each_entry(each, ids, 10, known.get, refresh=False)
+    assert plan_fields(plan) == plan_fields(each)
+    assert plan.result.queued == ids[:5] + ([odd] if odd == "bücoin" else [])
 
 
 def test_malformed_entries_are_never_queued(store):

@@ -197,8 +197,19 @@ class BatchSummary(NamedTuple):
     last_queued_task_run: int | None
 
     @property
+    def coins_left(self) -> bool:
+        """Whether any of its coins is still queued or running."""
+        return bool(self.counts[QUEUED] or self.counts[RUNNING])
+
+    @property
     def complete(self) -> bool:
-        return self.closed and self.counts[QUEUED] == 0 and self.counts[RUNNING] == 0
+        return self.closed and not self.coins_left
+
+
+def plain_ascii(text: str) -> bool:
+    """Whether ``text`` is ASCII without white space, a control character or one of ``/ \\ ? # %``:
+    one compiled expression, the check nearly every ID passes (alone or all joined)."""
+    return text.isascii() and ASCII_FORBIDDEN.search(text) is None
 
 
 def malformed_reason(coin_id: str) -> str | None:
@@ -209,7 +220,7 @@ def malformed_reason(coin_id: str) -> str | None:
     """
     if len(coin_id) > MAX_ID_LENGTH:
         return f"longer than {MAX_ID_LENGTH} characters"
-    if coin_id.isascii() and not ASCII_FORBIDDEN.search(coin_id):
+    if plain_ascii(coin_id):
         return None
     for char in coin_id:
         if char.isspace():
@@ -285,10 +296,8 @@ def plan_submission(
 def all_new(coin_ids: Sequence[str], lookup: Callable[[str], CoinRecord | None]) -> bool:
     """Whether every ID is well formed ASCII, none repeats and none is known: the usual POST of a
     new list, which ``number_all_new`` numbers in a few whole-list steps. Each test is one pass in C."""
-    joined = "".join(coin_ids)
     return (
-        joined.isascii()
-        and ASCII_FORBIDDEN.search(joined) is None
+        plain_ascii("".join(coin_ids))
         and max(map(len, coin_ids), default=0) <= MAX_ID_LENGTH
         and len(set(coin_ids)) == len(coin_ids)
         and not any(map(lookup, coin_ids))

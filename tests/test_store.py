@@ -130,17 +130,22 @@ def test_a_list_of_new_ids_is_numbered_in_bulk_exactly_as_entry_by_entry():
     assert bulk.entries.coin_ids is not bulk.new_ids and bulk.result.queued is not bulk.new_ids
 
 
-@pytest.mark.parametrize("odd", ["a b", "a/b", "a\x00b", "bücoin", "x" * 201, "coin-3", "known"])
-def test_a_list_with_one_malformed_repeated_or_known_id_is_planned_entry_by_entry(odd):
+@pytest.mark.parametrize(
+    ("odd", "queued", "duplicates", "invalid", "odd_run"),
+    [("a b", [], [], ["a b"], 15), ("a/b", [], [], ["a/b"], 15), ("a\x00b", [], [], ["a\x00b"], 15),
+     ("x" * 201, [], [], ["x" * 201], 15), ("bücoin", ["bücoin"], [], [], 15), ("coin-3", [], ["coin-3"], [], 13),
+     ("known", [], ["known"], [], 7)],
+    ids=["space", "slash", "nul", "long", "unicode", "repeated", "known"],
+)
+def test_a_list_with_one_malformed_repeated_or_known_id_is_planned_entry_by_entry(
+        odd, queued, duplicates, invalid, odd_run):
     known = {"known": CoinRecord("known", 7, DONE, ())}
     ids = [f"coin-{i}" for i in range(5)] + [odd]
 
     assert not all_new(ids, known.get)
-    plan = plan_submission("b", ids, 10, known.get)
-    each = SubmissionPlan(result=SubmitResult(batch="b"), next_task_run=16)
-    plan_each_entry(each, ids, 10, known.get, refresh=False)
-    assert plan_fields(plan) == plan_fields(each)
-    assert plan.result.queued == ids[:5] + ([odd] if odd == "bücoin" else [])
+    result = plan_submission("b", ids, 10, known.get).result
+    assert (result.queued, result.duplicates, result.invalid) == (ids[:5] + queued, duplicates, invalid)
+    assert result.task_runs == {f"coin-{i}": 10 + i for i in range(5)} | {odd: odd_run}
 
 
 def test_malformed_entries_are_never_queued(store):

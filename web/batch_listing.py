@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 
-from store import QUEUED, RUNNING, BatchSummary
+from store import BatchSummary
 
 JSON_PREFIX, JSON_SUFFIX = '{"batches":[', "]}\n"
 
@@ -20,10 +20,6 @@ JSON_PREFIX, JSON_SUFFIX = '{"batches":[', "]}\n"
 def encode_batch(view: dict) -> str:
     """One batch object, encoded as ``jsonify`` encodes it in the service (compact, keys in order)."""
     return json.dumps(view, separators=(",", ":"))
-
-
-def has_coins_left(summary: BatchSummary) -> bool:
-    return bool(summary.counts[QUEUED] or summary.counts[RUNNING])
 
 
 class BatchListing:
@@ -44,7 +40,7 @@ class BatchListing:
         encoded: dict[str, tuple[tuple, str]] = {}
         objects = []
         for summary in summaries:
-            if has_coins_left(summary):
+            if summary.coins_left:
                 objects.append(encode_batch(view_of(summary)))
                 continue
             shown = (summary.closed, *summary.counts.values())

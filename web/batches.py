@@ -7,7 +7,6 @@ from flask import Blueprint, current_app, jsonify, request
 from memory import release_freed_memory
 from store import BatchNotFound, BatchSummary
 from web import Services, services
-from web.batch_listing import has_coins_left
 
 blueprint = Blueprint("batches", __name__)
 
@@ -46,7 +45,7 @@ def batch_view(summary: BatchSummary, svc: Services) -> dict:
         "complete": summary.complete,
         "eta": None,
     }
-    if has_coins_left(summary):
+    if summary.coins_left:
         ahead = svc.store.queued_up_to(summary.last_queued_task_run) if summary.last_queued_task_run else 0
         view["eta"] = svc.worker.eta_seconds(ahead + summary.counts["running"])
     return view

@@ -60,7 +60,7 @@ from store import (
     new_batch_id,
     plan_submission,
     require_open,
-    stored_id,
+    stored_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -403,8 +403,8 @@ class PostgresStore(Store):
             else:
                 batch = new_batch_id()
                 conn.execute("INSERT INTO batches (id, created) VALUES (%s, %s)", (batch, self._clock()))
-            known = {record.id: record for record in self._known(conn, {stored_id(c) for c in coin_ids})}
-            plan = plan_submission(batch, coin_ids, next_task_run, known.get, refresh)
+            known = {record.id: record for record in self._known(conn, stored_ids(coin_ids))}
+            plan = plan_submission(batch, coin_ids, next_task_run, known, refresh)
             again = plan.refreshed + plan.retried
             if again:
                 self._move_in_bulk(conn, again, "UPDATE coins SET status = %s, error = NULL, refreshing = (status = %s)"

@@ -39,7 +39,7 @@ from store import (
     new_batch_id,
     plan_submission,
     require_open,
-    stored_id,
+    stored_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,8 @@ class SqliteStore(TalliedStore):
         self._conn.execute("UPDATE counters SET value = ? WHERE name = ?", (value, name))
 
     def _fetch(self, coin_ids) -> list[CoinRecord]:
-        """The records of ``coin_ids`` that exist: one query per few hundred IDs, not one per ID."""
+        """The records of ``coin_ids`` that exist: one query per few hundred IDs, not one per ID (one query
+        naming them all in a JSON array took twice as long)."""
         coin_ids = list(coin_ids)
         found = []
         for start in range(0, len(coin_ids), FETCH_CHUNK):
@@ -254,14 +255,13 @@ class SqliteStore(TalliedStore):
                 )
                 self._set_counter("next_batch_position", position + 1)
                 self._tallies.batch_added(batch_id)
-            known = {record.id: record for record in self._fetch({stored_id(coin_id) for coin_id in coin_ids})}
-            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), known.get, refresh)
+            known = {record.id: record for record in self._fetch(stored_ids(coin_ids))}
+            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), known, refresh)
             conn.executemany(
                 "UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
                 [(QUEUED, coin_id) for coin_id in plan.refreshed],
             )
-            conn.execute("INSERT INTO coins (id, task_run, status) SELECT key, value, ? FROM json_each(?)",
-                         (QUEUED, json.dumps(dict(plan.new_coins))))
+            self._insert_new_coins(plan)
             conn.executemany(
                 "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
                 [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
@@ -278,18 +278,30 @@ class SqliteStore(TalliedStore):
             self._version += 1
             return plan.result
 
+    def _insert_new_coins(self, plan: SubmissionPlan) -> None:
+        """The never-seen coins, queued, from one JSON text: their IDs alone when their numbers run on
+        without a gap (a list of new IDs; 20 ms less at 50,000 than encoding an object), else an
+        object of ID to number."""
+        ids, runs = plan.new_ids, plan.new_runs
+        if runs and runs[-1] - runs[0] == len(runs) - 1:
+            self._conn.execute("INSERT INTO coins (id, task_run, status) SELECT value, ? + key, ? FROM json_each(?)",
+                               (runs[0], QUEUED, json.dumps(ids)))
+        elif runs:
+            self._conn.execute("INSERT INTO coins (id, task_run, status) SELECT key, value, ? FROM json_each(?)",
+                               (QUEUED, json.dumps(dict(plan.new_coins))))
+
     def _tally_submission(self, plan: SubmissionPlan) -> None:
         tallies = self._tallies
         tallies.queued_coins_added(plan.new_runs)
         for coin_id, task_run, _ in plan.new_invalid:
             tallies.coin_added(coin_id, task_run, INVALID)
-        if plan.retried or plan.refreshed:
+        if not plan.queues_only_new_coins:
             runs = dict(zip(plan.entries.coin_ids, plan.entries.task_runs, strict=True))
             for coin_id in plan.retried:
                 tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
             for coin_id in plan.refreshed:
                 tallies.coin_changed(coin_id, runs[coin_id], DONE, QUEUED)
-        tallies.submission_added(plan.result.batch, plan.entries)
+        tallies.submission_added(plan.result.batch, plan.entries, plan.queues_only_new_coins)
 
     def claim_next(self) -> Claim | None:
         with self._lock, self._transaction() as conn:

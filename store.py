@@ -16,6 +16,7 @@ functions here, so the stores cannot drift apart.
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 import logging
@@ -27,9 +28,9 @@ import time
 import unicodedata
 from abc import ABC, abstractmethod
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from credits import Credits, MemoryLedger
 
@@ -89,13 +90,62 @@ class CoinRecord(NamedTuple):
         return self.status == DONE or self.refreshing
 
 
-RECORD_DEFAULTS = tuple(CoinRecord._field_defaults.values())  # a record's fields after its status
+as_record: Callable[[tuple], CoinRecord] = functools.partial(tuple.__new__, CoinRecord)
 
 
-def queued_records(coin_ids: list[str], task_runs: list[int]) -> Iterator[CoinRecord]:
-    """New records, queued, built at C speed (a POST makes 50,000)."""
-    fields = zip(coin_ids, task_runs, itertools.repeat(QUEUED), *map(itertools.repeat, RECORD_DEFAULTS), strict=False)
-    return map(CoinRecord._make, fields)
+class RecordTable:
+    """The memory store's records by coin ID, kept as plain tuples and handed out as ``CoinRecord``.
+
+    Why plain tuples: CPython's collector stops tracking an exact tuple of strings, numbers and
+    None the first time it sees one, but never a tuple subclass such as ``CoinRecord``. Stored as
+    records, 100,000 coins were walked by every older-generation collection (one took 135 ms of a
+    POST of 50,000 IDs); stored as tuples they are walked once, when new. A new coin, queued with
+    nothing else known, is kept as its taskRun alone: an int is never tracked, so a POST of new IDs
+    gives the collector nothing to walk.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple | int] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, coin_id: str) -> bool:
+        return coin_id in self._rows
+
+    def __getitem__(self, coin_id: str) -> CoinRecord:
+        return self._record(coin_id, self._rows[coin_id])
+
+    def __setitem__(self, coin_id: str, record: CoinRecord) -> None:
+        self._rows[coin_id] = tuple(record)
+
+    def __delitem__(self, coin_id: str) -> None:
+        del self._rows[coin_id]
+
+    @staticmethod
+    def _record(coin_id: str, row: tuple | int) -> CoinRecord:
+        return CoinRecord(coin_id, row, QUEUED) if row.__class__ is int else as_record(row)
+
+    def get(self, coin_id: str) -> CoinRecord | None:
+        row = self._rows.get(coin_id)
+        return None if row is None else self._record(coin_id, row)
+
+    def keys(self) -> KeysView[str]:
+        return self._rows.keys()
+
+    def values(self) -> Iterator[CoinRecord]:
+        return itertools.starmap(self._record, self._rows.items())
+
+    def records(self, coin_ids: Iterable[str]) -> list[CoinRecord]:
+        """The records of those of ``coin_ids`` that are known, in their order."""
+        rows = self._rows
+        return [self._record(coin_id, row) for coin_id in coin_ids if (row := rows.get(coin_id)) is not None]
+
+    def add_queued(self, coin_ids: list[str], task_runs: list[int]) -> None:
+        """New coins, queued: a POST makes 50,000, entered in one step in C."""
+        self._rows.update(zip(coin_ids, task_runs, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +302,22 @@ def stored_id(coin_id: str) -> str:
     return shown.replace("\x00", "\\x00") if "\x00" in shown else shown
 
 
+class KnownRecords(Protocol):
+    """The records a submission may meet, by coin ID: a dict, or the memory store's table."""
+
+    def get(self, coin_id: str, /) -> CoinRecord | None: ...
+
+    def keys(self) -> KeysView[str]: ...
+
+
+def stored_ids(coin_ids: Sequence[str]) -> set[str]:
+    """The distinct ``stored_id`` of ``coin_ids``: the IDs themselves when all are plain ASCII no longer
+    than an ID is shown (nearly every POST), which one pass in C tells."""
+    if plain_ascii("".join(coin_ids)) and max(map(len, coin_ids), default=0) <= SHOWN_ID_LENGTH:
+        return set(coin_ids)
+    return {stored_id(coin_id) for coin_id in coin_ids}
+
+
 @dataclass
 class SubmissionPlan:
     """What a submission changes, worked out before anything is written."""
@@ -266,6 +332,11 @@ class SubmissionPlan:
     next_task_run: int = 1
 
     @property
+    def queues_only_new_coins(self) -> bool:
+        """Whether every coin it queues is new: none retried or refreshed."""
+        return not (self.retried or self.refreshed)
+
+    @property
     def new_coins(self) -> Iterator[tuple[str, int]]:
         """The coins never seen before, each with its new taskRun."""
         return zip(self.new_ids, self.new_runs, strict=True)
@@ -275,7 +346,7 @@ def plan_submission(
     batch_id: str,
     coin_ids: Sequence[str],
     next_task_run: int,
-    lookup: Callable[[str], CoinRecord | None],
+    known: KnownRecords,
     refresh: bool = False,
 ) -> SubmissionPlan:
     """Number every entry from one counter and decide what each one is.
@@ -286,21 +357,21 @@ def plan_submission(
     listed until its new retrieval lands).
     """
     plan = SubmissionPlan(result=SubmitResult(batch=batch_id), next_task_run=next_task_run + len(coin_ids))
-    if all_new(coin_ids, lookup):
+    if all_new(coin_ids, known):
         number_all_new(plan, coin_ids, next_task_run)
     else:
-        plan_each_entry(plan, coin_ids, next_task_run, lookup, refresh)
+        plan_each_entry(plan, coin_ids, next_task_run, known.get, refresh)
     return plan
 
 
-def all_new(coin_ids: Sequence[str], lookup: Callable[[str], CoinRecord | None]) -> bool:
+def all_new(coin_ids: Sequence[str], known: KnownRecords) -> bool:
     """Whether every ID is well formed ASCII, none repeats and none is known: the usual POST of a
     new list, which ``number_all_new`` numbers in a few whole-list steps. Each test is one pass in C."""
     return (
         plain_ascii("".join(coin_ids))
         and max(map(len, coin_ids), default=0) <= MAX_ID_LENGTH
         and len(set(coin_ids)) == len(coin_ids)
-        and not any(map(lookup, coin_ids))
+        and known.keys().isdisjoint(coin_ids)
     )
 
 
@@ -657,8 +728,9 @@ class Tallies:
         queued.sort()
         self._hold(coins, batch_id)
 
-    def submission_added(self, batch_id: str, entries: BatchEntries) -> None:
-        """A submission's entries, just made: each of its coins (new, retried or refreshed) is queued."""
+    def submission_added(self, batch_id: str, entries: BatchEntries, coins_new: bool = False) -> None:
+        """A submission's entries, just made: each of its coins (new, retried or refreshed) is queued.
+        ``coins_new``: none was retried or refreshed, so that no batch holds any of them yet."""
         counts, queued = self._batches[batch_id], self._batch_queued[batch_id]
         is_coin = entries.kinds.translate(COIN_MASK)
         coins = list(itertools.compress(entries.coin_ids, is_coin))
@@ -668,11 +740,15 @@ class Tallies:
         counts[QUEUED] += len(coins)
         queued += itertools.compress(entries.task_runs, is_coin)
         queued.sort()
-        self._hold(coins, batch_id)
+        self._hold(coins, batch_id, unheld=coins_new)
 
-    def _hold(self, coin_ids: list[str], batch_id: str) -> None:
-        """``batch_id`` is one of these coins' batches."""
+    def _hold(self, coin_ids: list[str], batch_id: str, unheld: bool = False) -> None:
+        """``batch_id`` is one of these coins' batches, once for each time a coin is in ``coin_ids``.
+        Distinct coins that no batch holds yet (``unheld``: a POST of a new list) are entered in one step."""
         coin_batches = self._coin_batches
+        if unheld:
+            coin_batches.update(zip(coin_ids, itertools.repeat(batch_id), strict=False))
+            return
         held_by = coin_batches.get
         for coin_id in coin_ids:
             held = held_by(coin_id)
@@ -950,10 +1026,10 @@ class MemoryStore(TalliedStore):
 
     def _reset(self) -> None:
         """Empty every structure; a new generation makes claims taken before it stale."""
-        self._coins: dict[str, CoinRecord] = {}
+        self._coins = RecordTable()
         self._tallies = Tallies()
         self._claims: dict[str, int] = {}
-        self._queue: list[tuple[int, str]] = []
+        self._queue = RunQueue()
         self._stale_in_queue = 0
         self._deferred: list[tuple[float, int, str]] = []
         self._first_pass: dict[str, frozenset] = {}
@@ -968,22 +1044,22 @@ class MemoryStore(TalliedStore):
         with self._lock:
             batch = self._open_batch(batch_id)
             batch_id = batch.id if batch else new_batch_id()
-            plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins.get, refresh)
+            plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins, refresh)
             if batch is None:
                 batch = self._batches[plan.result.batch] = _MemoryBatch(plan.result.batch, self._clock())
                 self._tallies.batch_added(batch.id)
-            self._coins.update(zip(plan.new_ids, queued_records(plan.new_ids, plan.new_runs), strict=True))
-            self._queue += zip(plan.new_runs, plan.new_ids, strict=True)  # the highest numbers yet: still a heap
+            self._coins.add_queued(plan.new_ids, plan.new_runs)
+            self._queue.add_highest(plan.new_runs, plan.new_ids)
             self._tallies.queued_coins_added(plan.new_runs)
             for coin_id, task_run, reason in plan.new_invalid:
                 self._set(CoinRecord(coin_id, task_run, INVALID, error=reason))
             for coin_id in plan.retried:
                 record = self._set(CoinRecord(coin_id, self._coins[coin_id].task_run, QUEUED))
-                heapq.heappush(self._queue, (record.task_run, coin_id))
+                self._queue.push(record.task_run, coin_id)
             for coin_id in plan.refreshed:
                 self._queue_refresh(self._coins[coin_id])
             batch.entries.extend(plan.entries)
-            self._tallies.submission_added(batch.id, plan.entries)
+            self._tallies.submission_added(batch.id, plan.entries, plan.queues_only_new_coins)
             batch.closed = batch.closed or close
             self._next_task_run = plan.next_task_run
             self._version += 1
@@ -1001,7 +1077,7 @@ class MemoryStore(TalliedStore):
 
     def _queue_refresh(self, record: CoinRecord) -> None:
         self._set(record._replace(status=QUEUED, refreshing=True, error=None))
-        heapq.heappush(self._queue, (record.task_run, record.id))
+        self._queue.push(record.task_run, record.id)
 
     def refresh_oldest(self, age: float) -> str | None:
         with self._lock:
@@ -1034,8 +1110,8 @@ class MemoryStore(TalliedStore):
         with self._lock:
             self._promote_ripe()
             while self._queue:
-                task_run, coin_id = heapq.heappop(self._queue)
-                record = self._coins.get(coin_id)
+                task_run, coin_id = self._queue.pop()
+                record = None if coin_id is None else self._coins.get(coin_id)
                 if record is not None and record.status == QUEUED and record.task_run == task_run:
                     self._set(record._replace(status=RUNNING))
                     token = self._claims[coin_id] = next(self._tokens)
@@ -1055,7 +1131,7 @@ class MemoryStore(TalliedStore):
         now = self._clock()
         while self._deferred and self._deferred[0][0] <= now:
             _, task_run, coin_id = heapq.heappop(self._deferred)
-            heapq.heappush(self._queue, (task_run, coin_id))
+            self._queue.push(task_run, coin_id)
 
     def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
         with self._lock:
@@ -1085,7 +1161,7 @@ class MemoryStore(TalliedStore):
 
     def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
         with self._lock:
-            return [self._coins[coin_id] for coin_id in coin_ids if coin_id in self._coins]
+            return self._coins.records(coin_ids)
 
     def has_batch(self, batch_id: str) -> bool:
         with self._lock:
@@ -1121,7 +1197,7 @@ class MemoryStore(TalliedStore):
             if record is not None:
                 self._set(record._replace(status=QUEUED))
                 del self._claims[claim.coin_id]
-                heapq.heappush(self._queue, (record.task_run, claim.coin_id))
+                self._queue.push(record.task_run, claim.coin_id)
 
     def record(self, coin_id: str) -> CoinRecord | None:
         with self._lock:
@@ -1181,11 +1257,10 @@ class MemoryStore(TalliedStore):
         """Rebuild the heap once most of it is cancelled entries, so that memory follows the live queue."""
         if self._stale_in_queue * 2 <= len(self._queue) + len(self._deferred):
             return
-        queued = {coin_id for coin_id, record in self._coins.items() if record.status == QUEUED}
+        queued = {record.id for record in self._coins.values() if record.status == QUEUED}
         self._deferred = [entry for entry in self._deferred if entry[2] in queued]
         waiting = {coin_id for _, _, coin_id in self._deferred}
-        self._queue = [(self._coins[coin_id].task_run, coin_id) for coin_id in queued - waiting]
-        heapq.heapify(self._queue)
+        self._queue = RunQueue([(self._coins[coin_id].task_run, coin_id) for coin_id in queued - waiting])
         heapq.heapify(self._deferred)
         self._stale_in_queue = 0
 
@@ -1197,6 +1272,36 @@ class MemoryStore(TalliedStore):
 
     def close(self) -> None:
         """Nothing to release: the records go with the process."""
+
+
+class RunQueue:
+    """Coins waiting, lowest taskRun first: a heap of taskRuns, and each one's coin by its taskRun (a
+    coin keeps its number). Ints rather than (taskRun, coin) tuples, which the collector would walk:
+    50,000 of them in each POST of new IDs. An entry may be stale (its coin cancelled, claimed or
+    queued twice under its one number); ``pop`` gives None for the coin of a number already taken."""
+
+    __slots__ = ("_heap", "_coins")
+
+    def __init__(self, entries: Iterable[tuple[int, str]] = ()) -> None:
+        self._coins: dict[int, str] = dict(entries)
+        self._heap = list(self._coins)
+        heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, task_run: int, coin_id: str) -> None:
+        heapq.heappush(self._heap, task_run)
+        self._coins[task_run] = coin_id
+
+    def add_highest(self, task_runs: list[int], coin_ids: list[str]) -> None:
+        """New coins, numbered above every coin in the queue (and so still a heap when appended)."""
+        self._heap += task_runs
+        self._coins.update(zip(task_runs, coin_ids, strict=True))
+
+    def pop(self) -> tuple[int, str | None]:
+        task_run = heapq.heappop(self._heap)
+        return task_run, self._coins.pop(task_run, None)
 
 
 class SharedTuples:

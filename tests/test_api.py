@@ -11,6 +11,7 @@ import pytest
 from conftest import drain
 from store import Outcome
 from web.listing import SEGMENT_RUNS
+from web.submission import normalized_ids
 
 
 @pytest.fixture
@@ -491,3 +492,13 @@ def test_listing_after_a_clear_shows_the_new_records(make_app, store):
         assert listed == [{"exchanges": exchanges, "id": "bitcoin", "taskRun": 1},
                           {"exchanges": exchanges, "id": "ethereum", "taskRun": 2}]
         http.delete("/coins")
+
+
+@pytest.mark.parametrize(("odd", "kept"), [
+    (" padded", ["padded"]), ("Upper", ["upper"]), ("", []), ("tab\there", ["tab\there"]), ("ÄBC", ["äbc"]),
+    ("x/y", ["x/y"]), ("ünï", ["ünï"]), ("\u00a0nbsp", ["nbsp"]),
+])
+def test_a_clean_list_is_kept_as_it_is_and_any_other_normalized_entry_by_entry(odd, kept):
+    clean = [f"coin-{i}" for i in range(100)]
+    assert normalized_ids(clean) is clean
+    assert normalized_ids(clean[:50] + [odd] + clean[50:]) == clean[:50] + kept + clean[50:]

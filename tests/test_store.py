@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import sqlite3
 
@@ -17,6 +18,7 @@ from store import (
     QUEUED,
     STATUSES,
     BatchClosed,
+    BatchEntries,
     BatchNotFound,
     CoinRecord,
     MemoryStore,
@@ -24,10 +26,13 @@ from store import (
     StoreError,
     SubmissionPlan,
     SubmitResult,
+    Tallies,
     all_new,
     malformed_reason,
     plan_each_entry,
     plan_submission,
+    stored_id,
+    stored_ids,
 )
 
 STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
@@ -58,6 +63,10 @@ def test_every_entry_takes_a_number_and_a_coin_keeps_its_first(store):
     assert second.duplicates == ["b", "d"]
     assert second.invalid == ["bad/id"]
     assert store.submit(["e"]).task_runs == {"e": 9}
+    assert store.submit(["g", "a", "h"]).task_runs == {"g": 10, "a": 1, "h": 12}
+    assert {coin_id: store.record(coin_id).task_run for coin_id in ["a", "b", "nope", "c", "d", "e", "g", "h"]} == {
+        "a": 1, "b": 2, "nope": 3, "c": 4, "d": 6, "e": 9, "g": 10, "h": 12}
+    assert [claim.coin_id for claim in iter(store.claim_next, None)] == ["a", "b", "nope", "c", "d", "e", "g", "h"]
 
 
 def test_queue_runs_in_task_run_order(store):
@@ -120,14 +129,58 @@ def plan_fields(plan: SubmissionPlan) -> tuple:
 
 def test_a_list_of_new_ids_is_numbered_in_bulk_exactly_as_entry_by_entry():
     ids = [f"coin-{i}" for i in range(1_000)] + ["x" * 200, "b"]
-    bulk = plan_submission("b", ids, 41, {}.get)
+    bulk = plan_submission("b", ids, 41, {})
     each = SubmissionPlan(result=SubmitResult(batch="b"), next_task_run=41 + len(ids))
     plan_each_entry(each, ids, 41, {}.get, refresh=False)
 
-    assert all_new(ids, {}.get)
+    assert all_new(ids, {})
     assert plan_fields(bulk) == plan_fields(each)
     assert bulk.result.task_runs["coin-0"] == 41 and bulk.next_task_run == 41 + len(ids)
     assert bulk.entries.coin_ids is not bulk.new_ids and bulk.result.queued is not bulk.new_ids
+
+
+def tracked_objects() -> int:
+    """Objects the collector watches; two collections, for a tuple is let go once its members are."""
+    gc.collect()
+    gc.collect()
+    return len(gc.get_objects())
+
+
+def test_the_memory_stores_records_leave_the_collectors_watch():
+    """CPython stops tracking an exact tuple of atoms, never a CoinRecord: 100,000 records kept as
+    CoinRecords were walked by every older-generation collection."""
+    memory = MemoryStore()
+    memory.submit(["warm-up"])
+    before = tracked_objects()
+    memory.submit([f"coin-{i}" for i in range(5_000)])
+    for _ in range(1_000):
+        memory.finish(memory.claim_next(), Outcome.done(["binance", "uniswap-v3"]))
+    memory.submit(["a/b", "coin-7"])
+
+    assert tracked_objects() - before < 50
+    assert memory.record("coin-0") == CoinRecord("coin-0", 2, DONE, ("binance", "uniswap-v3"), None,
+                                                 memory.record("coin-0").fetched_at, 2, None, True)
+    assert memory.record("coin-4999") == CoinRecord("coin-4999", 5001, QUEUED)
+    assert memory.records(["coin-4999", "nope", "a/b"]) == [
+        CoinRecord("coin-4999", 5001, QUEUED),
+        CoinRecord("a/b", 5002, INVALID, error="malformed ID: contains '/'; it is never sent to CoinGecko")]
+
+
+def test_a_post_of_new_ids_makes_nothing_for_the_collector_to_walk():
+    memory = MemoryStore()
+    memory.submit(["warm-up"])
+    ids = [f"coin-{i}" for i in range(5_000)]
+    gc.disable()
+    try:
+        gc.collect()
+        before = gc.get_count()[0]
+        memory.submit(ids)
+        made = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+
+    assert made < 50
+    assert [claim.coin_id for claim in iter(memory.claim_next, None)] == ["warm-up", *ids]
 
 
 @pytest.mark.parametrize(
@@ -142,8 +195,8 @@ def test_a_list_with_one_malformed_repeated_or_known_id_is_planned_entry_by_entr
     known = {"known": CoinRecord("known", 7, DONE, ())}
     ids = [f"coin-{i}" for i in range(5)] + [odd]
 
-    assert not all_new(ids, known.get)
-    result = plan_submission("b", ids, 10, known.get).result
+    assert not all_new(ids, known)
+    result = plan_submission("b", ids, 10, known).result
     assert (result.queued, result.duplicates, result.invalid) == (ids[:5] + queued, duplicates, invalid)
     assert result.task_runs == {f"coin-{i}": 10 + i for i in range(5)} | {odd: odd_run}
 
@@ -545,3 +598,26 @@ def test_exchange_lists_no_record_uses_are_forgotten():
         run_all(store, lambda coin, r=round_: [f"ex-{r}"])
     assert store.record("only").exchanges == ("ex-2999",)
     assert len(store._exchange_lists) <= 2 * 1 + 1024 + 1
+
+
+def test_a_coin_held_by_two_batches_moves_both_batches_counts():
+    tallies = Tallies()
+    submissions = {"one": [("a", 1), ("b", 2)], "two": [("a", 1), ("c", 3)]}
+    for batch_id, coins in submissions.items():
+        tallies.batch_added(batch_id)
+        entries = BatchEntries()
+        for coin_id, task_run in coins:
+            entries.append(coin_id, task_run, "coin")
+        tallies.submission_added(batch_id, entries)
+    tallies.coin_changed("a", 1, QUEUED, DONE)
+    tallies.coin_changed("c", 3, QUEUED, DONE)
+
+    assert {batch_id: (tallies.batch_counts(batch_id).counts[QUEUED], tallies.batch_counts(batch_id).counts[DONE])
+            for batch_id in submissions} == {"one": (1, 1), "two": (0, 2)}
+
+
+@pytest.mark.parametrize("odd", ["x" * 211, "x" * 210, "nul\x00", "lone\ud800", "a b", "bücoin", "known"])
+def test_stored_ids_are_each_ids_stored_id_with_or_without_the_one_pass_check(odd):
+    ids = [f"coin-{i}" for i in range(50)] + [odd, "coin-3"]
+    assert stored_ids(ids) == {stored_id(coin_id) for coin_id in ids}
+    assert stored_ids(ids[:50]) == set(ids[:50])

@@ -23,16 +23,17 @@ def submit_coins():
     submission = parse_submission()
     svc = services()
     result = svc.store.submit(submission.coin_ids, submission.batch, submission.last, submission.refresh)
-    if result.queued:
-        svc.worker.notify()
-    body = {
+    answer = jsonify({
         "batch": result.batch,
         "queued": result.queued,
         "duplicates": result.duplicates,
         "invalid": result.invalid,
         "taskRuns": result.task_runs,
-    }
-    return jsonify(body), 202, {"Location": f"/batches/{result.batch}"}
+    })
+    if result.queued:
+        # Woken only now: its first steps (coins/list can be megabytes) share the interpreter with this thread.
+        svc.worker.notify()
+    return answer, 202, {"Location": f"/batches/{result.batch}"}
 
 
 FORMATS = {"json": "application/json", "csv": "text/csv", "ndjson": "application/x-ndjson"}

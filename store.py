@@ -256,6 +256,11 @@ class BatchSummary(NamedTuple):
         return self.closed and not self.coins_left
 
 
+def all_plain(coin_ids: Sequence[str], longest: int) -> bool:
+    """Whether every ID is ``plain_ascii`` and none is longer than ``longest``: two passes in C."""
+    return plain_ascii("".join(coin_ids)) and max(map(len, coin_ids), default=0) <= longest
+
+
 def plain_ascii(text: str) -> bool:
     """Whether ``text`` is ASCII without white space, a control character or one of ``/ \\ ? # %``:
     one compiled expression, the check nearly every ID passes (alone or all joined)."""
@@ -313,7 +318,7 @@ class KnownRecords(Protocol):
 def stored_ids(coin_ids: Sequence[str]) -> set[str]:
     """The distinct ``stored_id`` of ``coin_ids``: the IDs themselves when all are plain ASCII no longer
     than an ID is shown (nearly every POST), which one pass in C tells."""
-    if plain_ascii("".join(coin_ids)) and max(map(len, coin_ids), default=0) <= SHOWN_ID_LENGTH:
+    if all_plain(coin_ids, SHOWN_ID_LENGTH):
         return set(coin_ids)
     return {stored_id(coin_id) for coin_id in coin_ids}
 
@@ -368,8 +373,7 @@ def all_new(coin_ids: Sequence[str], known: KnownRecords) -> bool:
     """Whether every ID is well formed ASCII, none repeats and none is known: the usual POST of a
     new list, which ``number_all_new`` numbers in a few whole-list steps. Each test is one pass in C."""
     return (
-        plain_ascii("".join(coin_ids))
-        and max(map(len, coin_ids), default=0) <= MAX_ID_LENGTH
+        all_plain(coin_ids, MAX_ID_LENGTH)
         and len(set(coin_ids)) == len(coin_ids)
         and known.keys().isdisjoint(coin_ids)
     )

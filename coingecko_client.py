@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from credits import Credits, iso
+from upstream_http import MAX_BODY_BYTES, BodyTooLarge, BoundedCaller, UndecodableBody, bounded_session
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ ERROR_ADVICE = {
 CLOUDFLARE_CODE = re.compile(rb"error code:?\s*(\d{4})", re.IGNORECASE)
 LAST_PAGE = re.compile(r"[?&]page=(\d+)[^>]*>\s*;\s*rel=\"?last\"?")
 MAX_PAGES = 1000
+# The longest pause a 429 may impose: a longer Retry-After is logged and cut to this.
+MAX_RETRY_AFTER = 300.0
+# A ``total`` header longer than this many digits is garbage, not a count of tickers.
+MAX_TOTAL_DIGITS = 12
 COINS_LIST_TTL = 600.0
 # Slots are spaced this much wider than 60 s / limit, so that network jitter
 # can never put limit + 1 calls into one 60 s window at the upstream.
@@ -98,6 +103,21 @@ class _Transient(Exception):
     """A fault worth another attempt."""
 
 
+class _BadAnswer(_Transient):
+    """An answer that cannot be used (garbage, a redirect, a body past the cap): retried, then named as such."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"a bad answer from CoinGecko: {what}")
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Why every upstream call waits, and until when (UTC, seconds since the epoch)."""
+
+    reason: str
+    until: float
+
+
 Ticker = tuple[str, str | None, str | None]
 
 
@@ -115,6 +135,11 @@ class Retrieval:
     tickers: frozenset[Ticker] = frozenset()
     total: int | None = None
     consistent: bool = True
+
+
+# What a call may fail with and be tried again.
+RETRIED = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+           requests.exceptions.ContentDecodingError, BodyTooLarge, UndecodableBody, _Transient)
 
 
 class SlotBook(Protocol):
@@ -199,8 +224,12 @@ class RateLimiter:
                 return
 
     def paused(self) -> bool:
+        return self.pause_remaining() > 0
+
+    def pause_remaining(self) -> float:
+        """Seconds until slots are handed out again (0 when not paused)."""
         now, paused_until, _ = self._slots.pause_state()
-        return now < paused_until
+        return max(0.0, paused_until - now)
 
     def pause(self, seconds: float) -> None:
         self._slots.pause(seconds)
@@ -222,6 +251,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if math.isnan(seconds) or math.isinf(seconds):
         return None
     return max(0.0, seconds)
+
+
+def capped_retry_after(seconds: float, path: str) -> float:
+    """A Retry-After within ``MAX_RETRY_AFTER``; a longer one is logged with its value."""
+    if seconds <= MAX_RETRY_AFTER:
+        return seconds
+    log.warning("GET %s: 429 with Retry-After %.0fs; pausing %.0fs instead (the most this service waits)",
+                path, seconds, MAX_RETRY_AFTER)
+    return MAX_RETRY_AFTER
 
 
 def _is_html(response: requests.Response) -> bool:
@@ -271,10 +309,13 @@ class CoinGeckoClient:
         self.on_call: Callable[[str, float], None] | None = None
         self.successes = 0
         self._secret = api_key if api_key and key_header else None
-        self._session = session or _session_for(concurrency)
+        self._session = session or bounded_session(concurrency)
         if self._secret:
             self._session.headers[key_header] = api_key
         self._session.headers.setdefault("Accept", "application/json")
+        self._caller = BoundedCaller(self._session, timeout, MAX_BODY_BYTES)
+        self._wall_clock = time.time
+        self._pause_reason = "a 429 Too Many Requests"
         self._stats_lock = threading.Lock()
         self._this_thread = threading.local()
         self._call_times: deque[float] = deque()
@@ -345,39 +386,23 @@ class CoinGeckoClient:
         failures = 0
         answered = False
         while True:
-            self.limiter.acquire()
-            if self._stop.is_set():
-                raise Stopped("the client was closed")
-            if not self.credits.reserve():
-                raise CreditsExhausted(
-                    f"the month's {self.credits.limit} CoinGecko credits are used (COINGECKO_MONTHLY_CREDITS); "
-                    f"calls resume when they reset at {iso(self.credits.resets_at())}",
-                    self.credits.seconds_to_reset(),
-                )
+            self._wait_for_slot()
             calls += 1
             self._count_call()
             response, result, started = None, None, time.perf_counter()
-            elapsed = 0.0
             try:
-                response = self._session.get(self.base_url + path, params=params, timeout=self.timeout)
-                elapsed = time.perf_counter() - started
+                response = self._caller.get(self.base_url + path, params=params)
                 result = _answer_result(response)
                 if result == "rate_limited":
                     self._back_off_rate_limit(response, path)
                     continue
                 self._consecutive_429 = 0
                 return self._check(response), response.headers, calls
-            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError, _Transient) as exc:
-                if result is None:
-                    elapsed = time.perf_counter() - started
-                    result = _failure_result(exc)
-                elif result == "ok":
-                    result = "bad_body"
+            except RETRIED as exc:
+                result = "bad_body" if result == "ok" else result or _failure_result(exc)
                 failures += 1
                 reason = _describe(exc)
-                if not _no_answer(exc):
-                    answered = True
+                answered = answered or not _no_answer(exc)
                 if failures >= (attempts or self.max_attempts):
                     if not answered and path != PROBE_PATH and not self.reachable():
                         raise UpstreamUnavailable(
@@ -390,13 +415,29 @@ class CoinGeckoClient:
                             path, reason, failures, self.max_attempts, delay)
                 self._sleep(delay)
             finally:
-                answered_200 = response is not None and response.status_code == 200
-                self.credits.settle(answered_200)
-                if answered_200:
-                    with self._stats_lock:
-                        self.successes += 1
-                if self.on_call is not None and result is not None:
-                    self.on_call(result, elapsed)
+                self._settle_call(response, result, time.perf_counter() - started)
+
+    def _wait_for_slot(self) -> None:
+        """Wait for a call slot and reserve the call's credit."""
+        self.limiter.acquire()
+        if self._stop.is_set():
+            raise Stopped("the client was closed")
+        if not self.credits.reserve():
+            raise CreditsExhausted(
+                f"the month's {self.credits.limit} CoinGecko credits are used (COINGECKO_MONTHLY_CREDITS); "
+                f"calls resume when they reset at {iso(self.credits.resets_at())}",
+                self.credits.seconds_to_reset(),
+            )
+
+    def _settle_call(self, response: requests.Response | None, result: str | None, elapsed: float) -> None:
+        """A call ended: its credit spent or given back, and it counted for the metrics."""
+        answered_200 = response is not None and response.status_code == 200
+        self.credits.settle(answered_200)
+        if answered_200:
+            with self._stats_lock:
+                self.successes += 1
+        if self.on_call is not None and result is not None:
+            self.on_call(result, elapsed)
 
     def _refusal(self, response: requests.Response) -> str | None:
         """Why CoinGecko refuses every call (a key, a plan, a firewall), with what to change; else None."""
@@ -423,10 +464,17 @@ class CoinGeckoClient:
             raise CoinNotFound(f"CoinGecko answered 404 for {response.request.path_url.split('?')[0]}")
         if status >= 500:
             raise _Transient(f"HTTP {status}{' (an HTML error page)' if _is_html(response) else ''}")
+        if 300 <= status < 400:
+            where = urlsplit(response.headers.get("Location", "")).netloc or "no host"
+            raise _BadAnswer(f"HTTP {status}, a redirect to {where[:100]} (never followed: the key stays with "
+                             f"{self.host})")
         if status != 200:
             raise CoinFetchError(f"CoinGecko answered HTTP {status}")
+        _total_from_headers(response.headers)
         try:
             return response.json()
+        except RecursionError as exc:
+            raise _BadAnswer("JSON nested too deep to read") from exc
         except ValueError as exc:
             kind = "an HTML page" if _is_html(response) else "a body that is not JSON (truncated?)"
             raise _Transient(f"HTTP 200 with {kind}") from exc
@@ -456,9 +504,20 @@ class CoinGeckoClient:
             streak = max(1, self._consecutive_429)
         delay = None if _is_html(response) else parse_retry_after(response.headers.get("Retry-After"))
         if delay is None:
-            delay = min(self.rate_limit_backoff * 2 ** (streak - 1), 300.0)
+            delay = min(self.rate_limit_backoff * 2 ** (streak - 1), MAX_RETRY_AFTER)
+            self._pause_reason = "CoinGecko answered 429 Too Many Requests (no Retry-After: backing off)"
+        else:
+            self._pause_reason = f"CoinGecko answered 429 Too Many Requests with Retry-After {delay:.0f}s"
+            delay = capped_retry_after(delay, path)
         log.warning("GET %s: 429 Too Many Requests; pausing all upstream calls for %.1fs", path, delay)
         self.limiter.pause(delay)
+
+    def rate_pause(self) -> Pause | None:
+        """The pause every upstream call is in (a 429's), or None."""
+        remaining = self.limiter.pause_remaining()
+        if remaining <= 0:
+            return None
+        return Pause(f"{self._pause_reason}; every upstream call waits", self._wall_clock() + remaining)
 
     def _retry_delay(self, failures: int) -> float:
         ceiling = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
@@ -487,7 +546,7 @@ class CoinGeckoClient:
             body, headers, made = self._get(path, {"page": page})
             calls += made
             tickers = _tickers_of(body)
-            on_page = set(_ticker_keys(tickers))
+            on_page = set(_ticker_keys(tickers, coin_id))
             drifted = drifted or not seen.isdisjoint(on_page)
             seen |= on_page
             if page == 1:
@@ -546,37 +605,55 @@ class CoinGeckoClient:
             return coin_id in self._listed
 
 
-def _session_for(concurrency: int) -> requests.Session:
-    """A session whose connection pool keeps one connection for each thread in flight."""
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(10, concurrency))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
 def _tickers_of(body: object) -> list:
     if not isinstance(body, dict) or not isinstance(body.get("tickers"), list):
         raise CoinFetchError("the tickers answer has no 'tickers' list")
     return body["tickers"]
 
 
-def _ticker_keys(tickers: list) -> list[Ticker]:
-    """What identifies each ticker: (``market.identifier``, ``base``, ``target``)."""
+def storable(text: str) -> bool:
+    """Whether every store can hold ``text``: no NUL (PostgreSQL refuses it), no lone surrogate
+    (not UTF-8)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _ticker_keys(tickers: list, coin_id: str = "") -> list[Ticker]:
+    """What identifies each ticker: (``market.identifier``, ``base``, ``target``).
+
+    An identifier no store can hold is dropped here, once for every store, with a warning; a base
+    or target that none can hold is kept escaped (it only tells tickers apart)."""
     found = []
     for ticker in tickers:
         market = ticker.get("market") if isinstance(ticker, dict) else None
         identifier = market.get("identifier") if isinstance(market, dict) else None
-        if isinstance(identifier, str) and identifier:
-            base, target = ticker.get("base"), ticker.get("target")
-            found.append((identifier, base if isinstance(base, str) else None,
-                          target if isinstance(target, str) else None))
+        if not isinstance(identifier, str) or not identifier:
+            continue
+        if not storable(identifier):
+            log.warning("coin %s: exchange identifier %s dropped: no store can hold it (a NUL or a lone "
+                        "surrogate)", coin_id, ascii(identifier)[:120])
+            continue
+        base, target = ticker.get("base"), ticker.get("target")
+        found.append((identifier, _escaped(base) if isinstance(base, str) else None,
+                      _escaped(target) if isinstance(target, str) else None))
     return found
 
 
+def _escaped(text: str) -> str:
+    return text if storable(text) else ascii(text)
+
+
 def _total_from_headers(headers) -> int | None:
+    raw = headers.get("total", "").strip()
+    if len(raw) > MAX_TOTAL_DIGITS and raw.isdigit():
+        raise _BadAnswer(f"a 'total' header of {len(raw)} digits is not a count of tickers")
     try:
-        total = int(headers.get("total", ""))
+        total = int(raw)
     except ValueError:
         return None
     return total if total >= 0 else None
@@ -592,7 +669,7 @@ def _pages_from_headers(headers) -> int | None:
         per_page = int(headers.get("per-page", PAGE_SIZE))
     except ValueError:
         per_page = PAGE_SIZE
-    return math.ceil(total / per_page) if per_page > 0 else None
+    return -(-total // per_page) if per_page > 0 else None
 
 
 def _last_page(page: int, count: int, pages_needed: int | None, from_total: bool) -> bool:
@@ -616,7 +693,7 @@ def _error_code(response: requests.Response) -> tuple[int | None, str]:
     try:
         status = response.json().get("status")
         code, message = status.get("error_code"), status.get("error_message")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None, ""
     if not isinstance(code, int):
         return None, ""
@@ -624,6 +701,8 @@ def _error_code(response: requests.Response) -> tuple[int | None, str]:
 
 
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, BodyTooLarge | UndecodableBody):
+        return str(_BadAnswer(str(exc)))
     cause = _os_error_text(exc)
     if isinstance(exc, requests.Timeout):
         return "timed out" + (f" ({cause})" if cause else "")
@@ -649,7 +728,8 @@ def _answer_result(response: requests.Response) -> str:
 def _failure_result(exc: Exception) -> str:
     if isinstance(exc, requests.Timeout):
         return "timeout"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError):
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
+                  | BodyTooLarge | UndecodableBody | _Transient):
         return "bad_body"
     return "connection"
 

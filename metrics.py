@@ -11,6 +11,7 @@ multiprocess mode sums the workers' files.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -19,10 +20,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from store import STATUSES
+from worker import PAUSE_KINDS
 
 UPSTREAM_RESULTS = ("ok", "not_found", "rate_limited", "server_error", "timeout", "connection", "bad_body",
                     "refused")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The methods a label may name; any other (a client can send any token) is "other".
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 class Metrics:
@@ -55,7 +59,11 @@ class Metrics:
         self.upstream_seconds.observe(seconds)
 
     def http_request(self, method: str, route: str, status: int) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
+        """One request served. ``route`` must be the route's pattern or one fixed word: every label takes
+        its value from a closed set, whatever the client sent."""
+        shown_method = method if method in METHODS else "other"
+        shown_status = str(status) if 100 <= status <= 599 else "other"
+        self.http_requests.labels(shown_method, route, shown_status).inc()
 
     def watch(self, services) -> None:
         """Read the service's gauges at each scrape."""
@@ -79,7 +87,14 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("coin_retriever_queue_length", "Coins waiting to be retrieved.", counts["queued"])
         yield GaugeMetricFamily("coin_retriever_rate_limit_per_minute", "Upstream calls a minute the service keeps to.",
                                 svc.worker.client.limiter.per_minute)
-        yield GaugeMetricFamily("coin_retriever_worker_paused", "1 while the worker is paused by the upstream.",
-                                1 if svc.worker.pause_reason() else 0)
+        pause = svc.worker.pause()
+        yield GaugeMetricFamily("coin_retriever_worker_paused",
+                                "1 while the worker waits (a refused key, an outage, spent credits, a store that "
+                                "cannot be written, a 429).", 1 if pause else 0)
+        kinds = GaugeMetricFamily("coin_retriever_worker_pause_seconds",
+                                  "Seconds until the worker's pause ends, by what the pause is.", labels=["pause"])
+        for kind in PAUSE_KINDS:
+            kinds.add_metric([kind], max(0.0, pause[1].until - time.time()) if pause and pause[0] == kind else 0.0)
+        yield kinds
         yield GaugeMetricFamily("coin_retriever_credits_used", "Upstream credits used this month (UTC).",
                                 svc.worker.client.credits.state()["used"])

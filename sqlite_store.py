@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from store import (
     COIN_MASK,
@@ -31,6 +31,7 @@ from store import (
     CoinRecord,
     Outcome,
     StoreError,
+    StoreUnavailable,
     SubmissionPlan,
     SubmitResult,
     TalliedStore,
@@ -121,14 +122,18 @@ SCHEMA_VERSION = len(MIGRATIONS)
 class SqliteStore(TalliedStore):
     """Everything in one SQLite file, every change in one transaction.
 
-    One process owns the file: a second one is refused (an advisory lock on
-    ``<path>.lock``), since two workers on one queue would fetch coins twice.
+    One process owns the file: a second one is refused (an advisory lock on the database
+    file itself, so on its identity: a hard link or another path to it finds it taken), since
+    two workers on one queue would fetch coins twice and two writers corrupt it. A write that
+    fails (a full disk) is ``StoreUnavailable``; so is every write once the file has been
+    deleted or replaced under the service, whose changes would otherwise be lost at restart.
     """
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time, lock_wait: float = 0.0) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
+        self._path = path
         self._lock_file = None if path == MEMORY_PATH else _lock_exclusively(path, lock_wait)
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -137,7 +142,8 @@ class SqliteStore(TalliedStore):
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate(path)
             requeued = self._conn.execute("UPDATE coins SET status = ? WHERE status = ?", (QUEUED, RUNNING)).rowcount
-        except (sqlite3.Error, StoreError) as exc:
+            self._tallies = self._load_tallies()
+        except (sqlite3.Error, StoreError, ValueError) as exc:
             if self._lock_file is not None:
                 self._lock_file.close()
             if isinstance(exc, StoreError):
@@ -148,7 +154,6 @@ class SqliteStore(TalliedStore):
         self._generation = 1
         self._version = 1
         self._scope = os.urandom(4).hex()
-        self._tallies = self._load_tallies()
 
     def _load_tallies(self) -> Tallies:
         """The counts of what the file holds, read once: from here on they follow every change."""
@@ -179,21 +184,43 @@ class SqliteStore(TalliedStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; a crash at any instant leaves the file as before or after it."""
+        """One write transaction; a crash at any instant leaves the file as before or after it.
+
+        A write SQLite refuses (a full disk, an I/O error) leaves the file as before it and is
+        ``StoreUnavailable``; the counts are read again from the file, which is what stands."""
         conn = self._conn
-        if not conn.in_transaction:
-            conn.execute("BEGIN IMMEDIATE")
+        self._check_still_ours()
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
+            if not conn.in_transaction:
+                conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                self._tallies = self._load_tallies()
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            with suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._tallies = self._load_tallies()
+            raise StoreUnavailable(f"the SQLite store cannot be written ({exc})") from exc
+
+    def _check_still_ours(self) -> None:
+        """Refuse to write to a database file that was deleted or replaced under the service."""
+        if self._lock_file is None:
+            return
+        held = os.fstat(self._lock_file.fileno())
+        try:
+            now = os.stat(self._path)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            log.error("COINS_DB %r was %s while the service ran; no write is accepted until it is restarted",
+                      self._path, "deleted" if now is None else "replaced")
+            raise StoreUnavailable(f"COINS_DB {self._path!r} was {'deleted' if now is None else 'replaced'} "
+                                   "under the service: restart it")
 
     def _entries(self, batch_id: str, other_batches: bool = False) -> BatchEntries:
         """The entries of ``batch_id`` in the order they were made; with ``other_batches``, every other batch's."""
@@ -514,15 +541,18 @@ def _row_to_record(row: tuple) -> CoinRecord:
 
 
 def _lock_exclusively(path: str, wait: float):
-    """Hold ``<file>.lock`` beside the real file (links resolved), waiting up to ``wait`` seconds for it.
+    """Hold an exclusive ``flock`` on the database file itself, waiting up to ``wait`` seconds for it.
 
-    The wait lets a reloaded gunicorn worker take over from the one it replaces.
+    A ``flock`` belongs to the file (device and inode), not to the name it was opened by: through a
+    hard link, a symbolic link or another path to the same file, a second service finds it taken.
+    (SQLite's own locks are POSIX record locks, which a ``flock`` does not touch.) The wait lets a
+    reloaded gunicorn worker take over from the one it replaces.
     """
-    lock_path = os.path.realpath(path) + ".lock"
     try:
-        handle = open(lock_path, "a")  # noqa: SIM115 - held open for the store's lifetime
+        handle = open(path, "ab")  # noqa: SIM115 - held open for the store's lifetime
     except OSError as exc:
-        raise StoreError(f"cannot open COINS_DB {path!r}: {exc.strerror} ({os.path.dirname(lock_path)})") from exc
+        folder = os.path.dirname(os.path.abspath(path))
+        raise StoreError(f"cannot open COINS_DB {path!r}: {exc.strerror} ({folder})") from exc
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from coingecko_client import (
     Cancelled,
@@ -20,17 +21,24 @@ from coingecko_client import (
     CoinGeckoError,
     CoinNotFound,
     CreditsExhausted,
+    Pause,
     Retrieval,
     Stopped,
     UpstreamUnavailable,
 )
-from store import DONE, FAILED, Claim, Outcome, Store
+from credits import iso
+from store import DONE, FAILED, Claim, Outcome, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 MAX_PAUSE_SECONDS = 300.0
+# A store that cannot be written (a full disk, a database gone) is tried again this often.
+STORE_RETRY_SECONDS = 2.0
 # On a store other processes fill too (PostgreSQL), an idle thread looks at the queue this often.
 SHARED_QUEUE_POLL = 1.0
+# Why the worker waits: the upstream refused it or cannot be reached, the credits are spent, the store
+# cannot be written, or (the client's own pause) a 429. A closed set: it labels the pause in /metrics.
+PAUSE_KINDS = ("upstream", "credits", "store", "rate_limit")
 
 
 class _Drifted(Exception):
@@ -54,6 +62,7 @@ class Worker:
         progress_interval: float = 30.0,
         setup: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.client = client
@@ -65,12 +74,15 @@ class Worker:
         self._ready = threading.Event()
         self.progress_interval = progress_interval
         self._clock = clock
+        self._wall_clock = wall_clock
         self._stop = threading.Event()
         self._wake = threading.Condition()
         self._signals = 0
         self._pause_lock = threading.Lock()
         self._paused_until = 0.0
         self._pause_reason: str | None = None
+        self._pause_kind = "upstream"
+        self._stranded: list[Claim] = []
         self._successes_at_pause = 0
         self._pauses_in_a_row = 0
         self._threads: list[threading.Thread] = []
@@ -127,22 +139,42 @@ class Worker:
         return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._stop.is_set()
 
     def pause_reason(self) -> str | None:
-        """Why the worker is paused: set by a refused key, a wrong URL or an outage; cleared once a coin is
-        retrieved or any upstream call is answered 200 (the key is accepted, the upstream is back)."""
-        if self.client.successes > self._successes_at_pause:
+        """Why the worker is paused: set by a refused key, a wrong URL, an outage, spent credits or a store
+        that cannot be written; an upstream pause is cleared once any upstream call is answered 200 (the key
+        is accepted, the upstream is back), a store's once a write goes through."""
+        with self._pause_lock:
+            upstream_back = self._pause_kind != "store" and self.client.successes > self._successes_at_pause
+        if upstream_back:
             self._resume()
         with self._pause_lock:
             return self._pause_reason
 
-    def state(self) -> dict:
+    def pause(self) -> tuple[str, Pause] | None:
+        """(kind, pause) while the worker waits: its own pause, else the client's after a 429; else None."""
         reason = self.pause_reason()
+        if reason is not None:
+            with self._pause_lock:
+                remaining = max(0.0, self._paused_until - self._clock())
+                kind = self._pause_kind
+            return kind, Pause(reason, self._wall_clock() + remaining)
+        rate_pause = self.client.rate_pause()
+        return None if rate_pause is None else ("rate_limit", rate_pause)
+
+    def state(self) -> dict:
+        """The worker's state for /healthz and the status page; a pause says why, of what kind and until when."""
+        pause = self.pause()
         if not self.alive:
             name = "stopped"
-        elif reason:
+        elif pause:
             name = "paused"
         else:
             name = "running"
-        return {"state": name, "threads": self.concurrency, **({"reason": reason} if reason else {})}
+        state = {"state": name, "threads": self.concurrency}
+        if pause is not None:
+            kind, (reason, until) = pause[0], (pause[1].reason, pause[1].until)
+            state.update(reason=reason, pause=kind, until=iso(datetime.fromtimestamp(until, UTC)),
+                         seconds=round(max(0.0, until - self._wall_clock()), 1))
+        return state
 
     def calls_per_coin(self) -> float:
         with self._stats_lock:
@@ -162,13 +194,16 @@ class Worker:
         self._set_up_or_wait(index)
         while not self._stop.is_set():
             try:
-                if self._wait_while_paused():
+                if self._wait_while_paused() or not self._release_stranded():
                     continue
                 with self._wake:
                     seen = self._signals
                     self._idle_at[index] = None
                 if not self.process_next() and not self.refresh_stale():
                     self._idle_until_signalled(index, seen)
+            except StoreError as exc:
+                self._pause(f"the store cannot be used ({exc}); the worker tries again", STORE_RETRY_SECONDS,
+                            kind="store")
             except Exception:
                 if self._stop.is_set():
                     return
@@ -217,6 +252,7 @@ class Worker:
     def process_next(self) -> bool:
         """Retrieve the next queued coin and record its outcome; False if the queue is empty."""
         claim = self.store.claim_next()
+        self._resume(store=True)
         if claim is None:
             return False
         key = threading.get_ident()
@@ -224,9 +260,40 @@ class Worker:
             self._in_flight[key] = claim
         try:
             self._process(claim)
+        except StoreError as exc:
+            self._give_back(claim, exc)
         finally:
             with self._in_flight_lock:
                 self._in_flight.pop(key, None)
+        return True
+
+    def _give_back(self, claim: Claim, exc: StoreError) -> None:
+        """A store write for ``claim`` failed: the coin goes back to the queue (once the store takes that
+        write; until then it is kept here and tried again) and the worker pauses with the reason."""
+        try:
+            self.store.release(claim)
+        except StoreError:
+            with self._in_flight_lock:
+                self._stranded.append(claim)
+        self._pause(f"the store cannot be written ({exc}); coin {claim.coin_id} goes back to the queue",
+                    STORE_RETRY_SECONDS, kind="store")
+
+    def _release_stranded(self) -> bool:
+        """Put back the coins whose release the store refused; False while it still refuses."""
+        with self._in_flight_lock:
+            stranded, self._stranded = self._stranded, []
+        for index, claim in enumerate(stranded):
+            try:
+                self.store.release(claim)
+            except StoreError as exc:
+                with self._in_flight_lock:
+                    self._stranded.extend(stranded[index:])
+                self._pause(f"the store cannot be written ({exc}); coin {claim.coin_id} waits to go back "
+                            "to the queue", STORE_RETRY_SECONDS, kind="store")
+                return False
+            log.info("coin %s: back in the queue (the store takes writes again)", claim.coin_id)
+        if stranded:
+            self._resume(store=True)
         return True
 
     def _process(self, claim: Claim) -> None:
@@ -236,7 +303,10 @@ class Worker:
             outcome, pages = self._retrieve(claim)
         except UpstreamUnavailable as exc:
             self.store.release(claim)
-            self._pause(str(exc), exc.seconds if isinstance(exc, CreditsExhausted) else None)
+            if isinstance(exc, CreditsExhausted):
+                self._pause(str(exc), exc.seconds, kind="credits")
+            else:
+                self._pause(str(exc))
             return
         except _Drifted as drifted:
             self._resume()
@@ -251,7 +321,7 @@ class Worker:
         if outcome.status != FAILED:
             self._resume()
         calls = self.client.calls_by_this_thread() - calls_before
-        if not self.store.finish(claim, outcome):
+        if not self._record(claim, outcome):
             log.info("coin %s: dropped, it was cancelled while it was fetched", claim.coin_id)
             return
         with self._stats_lock:
@@ -263,6 +333,20 @@ class Worker:
                      claim.coin_id, len(outcome.exchanges), pages, calls, seconds)
         else:
             log.info("coin %s %s: %s (%d calls, %.1fs)", claim.coin_id, outcome.status, outcome.error, calls, seconds)
+
+    def _record(self, claim: Claim, outcome: Outcome) -> bool:
+        """Store the outcome. A store that is away raises (the coin goes back to the queue); a record the
+        store refuses for what it holds fails the coin, so that it is never fetched again and again."""
+        try:
+            finished = self.store.finish(claim, outcome)
+        except StoreError:
+            raise
+        except Exception as exc:
+            log.exception("coin %s: the store refused its record", claim.coin_id)
+            finished = self.store.finish(claim, Outcome.failed(f"internal error: the record could not be stored "
+                                                                f"({type(exc).__name__})"))
+        self._resume(store=True)
+        return finished
 
     def refresh_stale(self) -> bool:
         """With ``refresh_after``, queue the oldest done record past that age; True if one was queued.
@@ -311,7 +395,7 @@ class Worker:
                      "again in %.0fs, once CoinGecko's cache has turned", claim.coin_id, len(retrieval.tickers),
                      retrieval.total, retrieval.pages, self.cache_seconds)
 
-    def _pause(self, reason: str, seconds: float | None = None) -> None:
+    def _pause(self, reason: str, seconds: float | None = None, kind: str = "upstream") -> None:
         """Stop taking coins for a while: ``seconds``, or a backoff that doubles with each pause in a row,
         up to five minutes."""
         with self._pause_lock:
@@ -320,24 +404,33 @@ class Worker:
                 seconds = min(MAX_PAUSE_SECONDS, self.pause_seconds * 2 ** (self._pauses_in_a_row - 1))
             self._paused_until = self._clock() + seconds
             self._pause_reason = reason
+            self._pause_kind = kind
             self._successes_at_pause = self.client.successes
         log.error("worker paused for %.0fs: %s; the queue is kept", seconds, reason)
 
-    def _resume(self) -> None:
-        """A coin was retrieved (done, or found unknown): the upstream accepts us again."""
+    def _resume(self, store: bool = False) -> None:
+        """End an upstream pause (a coin was retrieved: the upstream accepts us again), or with ``store``
+        a store's (a write went through)."""
         with self._pause_lock:
-            if self._pause_reason is None:
+            if self._pause_reason is None or store != (self._pause_kind == "store"):
                 return
             self._pause_reason = None
             self._pauses_in_a_row = 0
-        log.info("upstream answering again: worker resumed")
+        log.info("%s again: worker resumed", "the store takes writes" if store else "upstream answering")
 
     def _report_progress(self) -> None:
+        """Log where the work stands every ``progress_interval``; a store that is away skips a report."""
         while not self._stop.wait(self.progress_interval):
-            counts = self.store.status_counts()
-            remaining = counts["queued"] + counts["running"]
-            if remaining:
-                log.info(
-                    "progress: %d done, %d remaining, %d calls in the last minute, ETA %.0fs",
-                    counts["done"], remaining, self.client.stats()["calls_last_minute"], self.eta_seconds(remaining),
-                )
+            try:
+                self._log_progress()
+            except Exception as exc:
+                log.warning("progress report skipped: %s", exc)
+
+    def _log_progress(self) -> None:
+        counts = self.store.status_counts()
+        remaining = counts["queued"] + counts["running"]
+        if remaining:
+            log.info(
+                "progress: %d done, %d remaining, %d calls in the last minute, ETA %.0fs",
+                counts["done"], remaining, self.client.stats()["calls_last_minute"], self.eta_seconds(remaining),
+            )

@@ -94,7 +94,10 @@ def test_upstream_unavailable_pauses_and_keeps_the_queue():
 
     assert store.record("a").status == QUEUED and store.record("b").status == QUEUED
     assert worker.pause_reason() == reason
-    assert worker.state() == {"state": "stopped", "threads": 1, "reason": reason}
+    state = worker.state()
+    assert {key: state[key] for key in ("state", "threads", "reason", "pause")} == {
+        "state": "stopped", "threads": 1, "reason": reason, "pause": "upstream"}
+    assert 0 < state["seconds"] <= worker.pause_seconds
     client.script.clear()
     while worker.process_next():
         pass

@@ -13,13 +13,14 @@ blueprint = Blueprint("health", __name__)
 def healthz():
     svc = services()
     state = svc.worker.state()
+    healthy = state["state"] == "running" or state.get("pause") == "rate_limit"
     counts = svc.store.status_counts()
     body = {
-        "status": "ok" if state["state"] == "running" else "unavailable",
+        "status": "ok" if healthy else "unavailable",
         "worker": state,
         "queue": counts["queued"],
         "coins": counts,
         "upstream": svc.worker.client.stats(),
         "credits": svc.worker.client.credits.state(),
     }
-    return jsonify(body), 200 if state["state"] == "running" else 503
+    return jsonify(body), 200 if healthy else 503

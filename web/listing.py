@@ -35,12 +35,23 @@ def encode_listed(record: CoinRecord) -> bytes:
     return json.dumps(listed, separators=(",", ":")).encode()
 
 
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as a spreadsheet shows it and never runs it: a leading ``'`` before a formula's first
+    character, as OWASP advises for CSV exports (the writer then quotes what needs quoting)."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def encode_csv(record: CoinRecord) -> bytes:
     """A listed record's CSV rows: one per exchange, or one with the exchange empty."""
     out = io.StringIO()
-    rows = [(record.id, record.task_run, exchange) for exchange in record.exchanges or ()]
-    csv.writer(out).writerows(rows or [(record.id, record.task_run, "")])
-    return out.getvalue().encode()
+    coin = csv_cell(record.id)
+    rows = [(coin, record.task_run, csv_cell(exchange)) for exchange in record.exchanges or ()]
+    csv.writer(out).writerows(rows or [(coin, record.task_run, "")])
+    return out.getvalue().encode("utf-8", "backslashreplace")
 
 
 ENCODERS = {"json": encode_listed, "csv": encode_csv}

@@ -20,6 +20,10 @@ function text(id, value) {
   document.getElementById(id).textContent = String(value);
 }
 
+function pauseText(worker) {
+  return worker.until ? `${worker.reason} (until ${worker.until})` : worker.reason;
+}
+
 function showHealth(health) {
   const worker = health.worker;
   document.getElementById("worker").className = "state-" + worker.state;
@@ -28,7 +32,7 @@ function showHealth(health) {
   text("done", health.coins.done);
   const alert = document.getElementById("alert");
   alert.hidden = !worker.reason;
-  alert.textContent = worker.reason || "";
+  alert.textContent = worker.reason ? pauseText(worker) : "";
   text("calls", health.upstream.calls_last_minute);
   const bar = document.getElementById("calls-bar");
   bar.value = Math.min(health.upstream.calls_last_minute, bar.max);

@@ -25,7 +25,14 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from credits import Credits, iso
-from upstream_http import MAX_BODY_BYTES, BodyTooLarge, BoundedCaller, UndecodableBody, bounded_session
+from upstream_http import (
+    MAX_BODY_BYTES,
+    BodyTooLarge,
+    BoundedCaller,
+    CallTimedOut,
+    UndecodableBody,
+    bounded_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +298,7 @@ class CoinGeckoClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
@@ -314,7 +322,7 @@ class CoinGeckoClient:
             self._session.headers[key_header] = api_key
         self._session.headers.setdefault("Accept", "application/json")
         self._caller = BoundedCaller(self._session, timeout, MAX_BODY_BYTES)
-        self._wall_clock = time.time
+        self._wall_clock = wall_clock
         self._pause_reason = "a 429 Too Many Requests"
         self._stats_lock = threading.Lock()
         self._this_thread = threading.local()
@@ -703,6 +711,8 @@ def _error_code(response: requests.Response) -> tuple[int | None, str]:
 def _describe(exc: Exception) -> str:
     if isinstance(exc, BodyTooLarge | UndecodableBody):
         return str(_BadAnswer(str(exc)))
+    if isinstance(exc, CallTimedOut):
+        return str(exc)
     cause = _os_error_text(exc)
     if isinstance(exc, requests.Timeout):
         return "timed out" + (f" ({cause})" if cause else "")

@@ -11,7 +11,6 @@ multiprocess mode sums the workers' files.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -87,14 +86,14 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("coin_retriever_queue_length", "Coins waiting to be retrieved.", counts["queued"])
         yield GaugeMetricFamily("coin_retriever_rate_limit_per_minute", "Upstream calls a minute the service keeps to.",
                                 svc.worker.client.limiter.per_minute)
-        pause = svc.worker.pause()
+        state = svc.worker.state()
         yield GaugeMetricFamily("coin_retriever_worker_paused",
                                 "1 while the worker waits (a refused key, an outage, spent credits, a store that "
-                                "cannot be written, a 429).", 1 if pause else 0)
+                                "cannot be written, a 429).", 1 if "pause" in state else 0)
         kinds = GaugeMetricFamily("coin_retriever_worker_pause_seconds",
                                   "Seconds until the worker's pause ends, by what the pause is.", labels=["pause"])
         for kind in PAUSE_KINDS:
-            kinds.add_metric([kind], max(0.0, pause[1].until - time.time()) if pause and pause[0] == kind else 0.0)
+            kinds.add_metric([kind], state["seconds"] if state.get("pause") == kind else 0.0)
         yield kinds
         yield GaugeMetricFamily("coin_retriever_credits_used", "Upstream credits used this month (UTC).",
                                 svc.worker.client.credits.state()["used"])

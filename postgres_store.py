@@ -225,6 +225,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing"
 TRANSIENT = (errors.DeadlockDetected, errors.SerializationFailure)
+# How long a request waits for a pooled connection before it gives up (a 503): a database that is away
+# must not pin the service's threads.
+POOL_WAIT_SECONDS = 3.0
 
 
 def display_url(url: str) -> str:
@@ -267,7 +270,7 @@ class PostgresStore(Store):
                                      options=SESSION_OPTIONS, application_name="coin-retriever")
         except psycopg.ProgrammingError as exc:
             raise StoreError(f"cannot open COINS_DB {self._shown}: not a PostgreSQL URL ({exc})") from None
-        self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False, timeout=30,
+        self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False, timeout=POOL_WAIT_SECONDS,
                                     kwargs={"autocommit": True}, name="coin-retriever")
         try:
             psycopg.connect(conninfo).close()  # the server's own refusal, rather than the pool's time-out

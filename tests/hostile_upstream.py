@@ -27,8 +27,6 @@ FORMULA_IDS = ["=cmd|' /C calc'!A0", "+SUM(1)", "-2+3", "@at", "\ttab", "\rcr", 
 UNSTORABLE_IDS = ["ex\ud800", "nul\u0000byte"]
 
 REDIRECTS = {"redirect-301": 301, "redirect-302": 302, "redirect-307": 307, "redirect-308": 308}
-HOSTILE_COINS = [*REDIRECTS, "gzip-bomb", "deflate-bomb", "huge-body", "drip", "drip-headers",
-                 "absurd-retry-after", "unstorable", "formula", "huge-total", "deep-json", "absurd-headers"]
 
 _bombs: dict[str, bytes] = {}
 _bombs_lock = threading.Lock()
@@ -84,6 +82,12 @@ class HostileUpstream:
         self._server.shutdown()
         self._server.server_close()
 
+    def reset(self) -> None:
+        """Forget what was asked (an absurd Retry-After answers 429 again, once)."""
+        with self._lock:
+            self.requests.clear()
+            self.seen.clear()
+
     def headers_sent_to(self, path_part: str) -> list[dict[str, str]]:
         with self._lock:
             return [headers for path, headers in self.requests if path_part in path]
@@ -112,8 +116,7 @@ class HostileUpstream:
         if path.endswith("/ping"):
             return _send(write, 200, b'{"gecko_says":"(V3) To the Moon!"}')
         if path.endswith("/coins/list"):
-            listed = [{"id": coin, "symbol": coin[:4], "name": coin} for coin in HOSTILE_COINS]
-            return _send(write, 200, json.dumps(listed).encode())
+            return _send(write, 200, b'{"error": "no list: every ID goes to its tickers"}')
         if not path.endswith("/tickers"):
             return _send(write, 404, b'{"error":"not found"}')
         coin = unquote(path.rsplit("/", 2)[-2])

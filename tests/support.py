@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from coingecko_client import CoinGeckoClient, Retrieval
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -137,3 +139,31 @@ def wait_complete(url: str, batch: str, timeout: float = 60.0) -> dict:
         return view if view.get("complete") else None
 
     return eventually(complete, timeout, f"batch {batch} to complete")
+
+
+def scripted(exchanges) -> Retrieval:
+    """A one-page retrieval of one ticker on each of ``exchanges``."""
+    return Retrieval(tuple(exchanges), 1, 1, frozenset((exchange, "X", "USD") for exchange in exchanges))
+
+
+class ScriptedClient(CoinGeckoClient):
+    """A client whose answers per coin are scripted: an exception to raise, or exchanges."""
+
+    def __init__(self, script: dict, listed: set[str] | None = None, **kwargs) -> None:
+        super().__init__("http://unused.test/api/v3", rate_limit=1_000_000, **kwargs)
+        self.script = script
+        self.listed = listed
+        self.fetched: list[str] = []
+
+    def is_listed(self, coin_id: str) -> bool | None:
+        return None if self.listed is None else coin_id in self.listed
+
+    def fetch_exchanges(self, coin_id: str, keep_going=None) -> Retrieval:
+        self.fetched.append(coin_id)
+        self._count_call()
+        answer = self.script.get(coin_id, ["ex"])
+        if isinstance(answer, BaseException):
+            raise answer
+        if callable(answer):
+            return answer()
+        return scripted(answer)

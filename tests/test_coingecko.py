@@ -15,8 +15,8 @@ from app import Config
 from coingecko_client import CreditsExhausted, Retrieval, UpstreamUnavailable
 from credits import Credits, MemoryLedger, month_end
 from store import DONE, QUEUED
+from support import ScriptedClient
 from test_client import API, FakeTime, make_client
-from test_worker import ScriptedClient
 from worker import Worker
 
 RATE_LIMIT_BODY = {"status": {"error_code": 429, "error_message": "You've exceeded the Rate Limit. Please visit "

@@ -19,15 +19,15 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
+import redaction
 from coingecko_client import PLANS, CoinGeckoClient
+from redaction import LOG_FORMAT, RedactingFormatter, url_credentials
 from store import MemoryStore, Store, StoreError, is_postgres_url, open_store
 from web import Services, register_web
 from worker import Worker
 
 log = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-REDACTED = "[redacted]"
 # How long a new worker waits for the store's lock: on a reload, the worker it replaces
 # closes the store within gunicorn's graceful timeout.
 RELOAD_LOCK_WAIT = 15.0
@@ -105,13 +105,9 @@ class Config:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """What no log line may show: the key, the token and a database password."""
-        password = None
-        if is_postgres_url(self.db_path):
-            from postgres_store import url_password
-
-            password = url_password(self.db_path)
-        return tuple(secret for secret in (self.api_key, self.api_token, password) if secret)
+        """What no log line may show: the key, the token and a database URL's credentials (by their shape,
+        whether the URL parses or not)."""
+        return tuple(secret for secret in (self.api_key, self.api_token, *url_credentials(self.db_path)) if secret)
 
     @property
     def store_name(self) -> str:
@@ -220,28 +216,15 @@ def _address(name: str, host: str, port: int) -> str:
     return host
 
 
-class RedactingFormatter(logging.Formatter):
-    """Formats as usual, then blanks out every secret, tracebacks included."""
-
-    def __init__(self, secrets: tuple[str, ...], fmt: str = LOG_FORMAT) -> None:
-        super().__init__(fmt)
-        self.secrets = secrets
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
-
-
 def configure_logging(config: Config) -> None:
     """One stderr handler on the root logger (added if there is none); no secret ever printed."""
+    redaction.register(config.secrets)
     root = logging.getLogger()
     root.setLevel(config.log_level)
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
     for handler in root.handlers:
-        handler.setFormatter(RedactingFormatter(config.secrets))
+        handler.setFormatter(RedactingFormatter())
 
 
 def check_config(env: Mapping[str, str] | None = None) -> Config:

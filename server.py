@@ -23,10 +23,11 @@ import signal
 import sys
 import tempfile
 
-from gunicorn import util
+from gunicorn import glogging, util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
+from redaction import RedactingFormatter
 from store import is_postgres_url
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ SETTINGS = {
     "workers": 1,
     "threads": THREADS,
     "worker_class": "server.JsonErrorWorker",
+    "logger_class": "server.RedactingLogger",
     "graceful_timeout": GRACEFUL_SECONDS,
     "accesslog": "-",
     # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl): two services on a
@@ -68,6 +70,17 @@ class JsonErrorWorker(ThreadWorker):
     def init_process(self) -> None:
         util.write_error = write_json_error
         super().init_process()
+
+
+class RedactingLogger(glogging.Logger):
+    """gunicorn's logger, its access and error lines blanked of every secret as the service's own are
+    (a token sent as a basic-auth user or in a query string would otherwise be logged)."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                handler.setFormatter(RedactingFormatter(inner=handler.formatter or logging.Formatter()))
 
 
 def worker_exit(server, worker) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,11 +17,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from app import Config, ConfigError, RedactingFormatter
+import redaction
+from app import Config, ConfigError, configure_logging
 from coingecko_client import UpstreamUnavailable
 from conftest import fast_client
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from memory import restart_with_system_allocator
+from redaction import RedactingFormatter
 from sqlite_store import SqliteStore
 from store import MemoryStore, StoreError
 from support import ROOT, eventually, free_port, rss_mb, service, wait_complete, worker_pid
@@ -53,7 +56,8 @@ def test_a_secret_that_cannot_be_a_header_stops_the_service_without_showing_it(n
 
 
 def test_no_log_line_ever_shows_a_secret(caplog):
-    formatter = RedactingFormatter((KEY, "tok3n"))
+    redaction.register((KEY, "tok3n"))
+    formatter = RedactingFormatter()
     try:
         raise ValueError(f"Invalid header value b'{KEY}\\n' and token tok3n")
     except ValueError:
@@ -63,6 +67,53 @@ def test_no_log_line_ever_shows_a_secret(caplog):
     assert KEY not in text and "tok3n" not in text
     assert "ERROR x: sent [redacted]\nTraceback" in text
     assert text.endswith("ValueError: Invalid header value b'[redacted]\\n' and token [redacted]")
+
+
+@pytest.mark.parametrize("db", [
+    "POSTGRESQL://coins:S3cretPW@127.0.0.1:1/coins", "Postgres://coins:S3cretPW@127.0.0.1:1/coins",
+    "postgresql://coins:S3cretPW@[::1", "postgresql://coins:S3cret PW@127.0.0.1:1/coins",
+    "postgresql://coins:S3cret%40PW@127.0.0.1:1/coins", "mysql://coins:S3cretPW@127.0.0.1/coins",
+])
+def test_a_database_password_never_shows_whatever_the_url_looks_like(db):
+    status, output = start_refused({"COINS_DB": db})
+
+    assert status == 2, output
+    assert "cannot start: cannot open COINS_DB" in output
+    assert "S3cret" not in output and "Traceback" not in output
+
+
+def test_the_secrets_are_blanked_from_every_line_once_the_configuration_is_read():
+    config = Config.from_env({"COINGECKO_API_KEY": KEY, "COINS_API_TOKEN": "tok3n-from-env",
+                              "COINS_DB": "postgresql://coins:pg-pass-1@127.0.0.1:1/coins"})
+    root = logging.getLogger()
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    root.addHandler(handler)
+    formatters = {h: h.formatter for h in root.handlers}
+    level = root.level
+    try:
+        configure_logging(config)
+        logging.getLogger("anywhere").warning("key %s, token %s, url %s", KEY, "tok3n-from-env", config.db_path)
+    finally:
+        root.removeHandler(handler)
+        for h, formatter in formatters.items():
+            h.setFormatter(formatter)
+        root.setLevel(level)
+
+    assert out.getvalue().endswith(
+        "WARNING anywhere: key [redacted], token [redacted], url postgresql://[redacted]@127.0.0.1:1/coins\n")
+
+
+def test_the_access_log_never_shows_the_token(fake):
+    token = "Sup3rSecretToken"
+    with service(fake.url, COINS_API_TOKEN=token) as svc:
+        requests.get(f"{svc.url}/healthz", auth=(token, ""), timeout=5)
+        requests.get(f"{svc.url}/coins?token={token}", timeout=5)
+        requests.post(f"{svc.url}/coins?token={token}", data="bitcoin", timeout=5,
+                      headers={"Content-Type": "text/plain", "Authorization": f"Bearer {token}"})
+        eventually(lambda: sum("?token=" in line for line in svc.lines) >= 2, 10, "the access lines")
+    assert token not in svc.output
+    assert '"GET /coins?token=[redacted] HTTP/1.1" 200' in svc.output
 
 
 # -- 2. settings that cannot work -----------------------------------------------------------------

@@ -7,11 +7,11 @@ import sqlite3
 import threading
 
 import pytest
-from support import ScriptedClient, scripted
 
 from app import Config, create_app
 from sqlite_store import SqliteStore
 from store import DONE, QUEUED, RUNNING, MemoryStore, StoreError, StoreUnavailable
+from support import ScriptedClient
 from worker import Worker
 
 MANY = [f"exchange-{i:04d}-with-a-long-identifier" for i in range(2000)]

@@ -3,10 +3,10 @@
 ``python app.py``, the image and ``gunicorn 'app:create_app()'`` (which reads
 ``gunicorn.conf.py``) all run the same server with the same hooks:
 
-* one worker process (the queue and the store live in it) with ``THREADS`` threads, so
-  that slow clients cannot take every thread while ``/healthz`` waits;
-* a worker that writes the refusals gunicorn makes itself (a 64 KB path, a broken request
-  line) as JSON, like every other answer;
+* one worker process (the queue and the store live in it) with ``THREADS`` threads;
+* ``http_worker.GuardedWorker``: requests read whole before a thread takes them, writes bounded,
+  so that clients that stall cannot take the threads while ``/healthz`` waits; the refusals
+  gunicorn makes itself (a 64 KB path, a broken request line) written as JSON;
 * ``worker_exit`` shuts the service down cleanly on SIGTERM and on a reload (SIGHUP):
   the coin in flight goes back in the queue and the store is closed, which lets the new
   worker of a reload take the store over.
@@ -16,23 +16,23 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import logging
 import os
 import signal
 import sys
 import tempfile
 
-from gunicorn import glogging, util
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
 
 from redaction import RedactingFormatter
 from store import is_postgres_url
 
 log = logging.getLogger(__name__)
 
-THREADS = 64
+# More threads than the 128 stalled clients the contract names, so that /healthz always finds one free
+# (a thread is only started when a request needs it: an idle service runs a few).
+THREADS = 256
 GRACEFUL_SECONDS = 5
 PR_SET_PDEATHSIG = 1
 
@@ -40,7 +40,7 @@ PR_SET_PDEATHSIG = 1
 SETTINGS = {
     "workers": 1,
     "threads": THREADS,
-    "worker_class": "server.JsonErrorWorker",
+    "worker_class": "http_worker.GuardedWorker",
     "logger_class": "server.RedactingLogger",
     "graceful_timeout": GRACEFUL_SECONDS,
     "accesslog": "-",
@@ -48,28 +48,6 @@ SETTINGS = {
     # host would take it from each other, and the service needs none.
     "control_socket_disable": True,
 }
-
-
-def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's own refusals (400, 414, 431 …) as ``{"error": ...}``, like the application's."""
-    body = json.dumps({"error": f"{reason}: {mesg}" if mesg else reason}).encode()
-    head = (
-        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode("latin-1")
-    util.write_nonblock(sock, head + body)
-
-
-class JsonErrorWorker(ThreadWorker):
-    """gunicorn's threaded worker, but every answer it writes itself is JSON.
-
-    gunicorn offers no hook for the body of its own errors; its worker writes them through
-    ``gunicorn.util.write_error``, which this worker process replaces.
-    """
-
-    def init_process(self) -> None:
-        util.write_error = write_json_error
-        super().init_process()
 
 
 class RedactingLogger(glogging.Logger):

@@ -12,7 +12,7 @@ import requests
 
 from conftest import require
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from support import service
+from support import service, wait_complete
 
 CHROMIUM = os.environ.get("COINS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -99,3 +99,25 @@ def test_the_page_is_readable_at_360_px(browser):
 
     assert widths[0] <= widths[1] == 360
     assert bar["x"] >= 0 and bar["x"] + bar["width"] <= 360
+
+
+def test_the_page_follows_a_clear_and_a_deleted_batch_without_a_reload(page):
+    from playwright.sync_api import expect
+
+    with FakeCoinGecko(data=FakeData(coins=10)) as fake, service(fake.url, COINGECKO_RATE_LIMIT="60000") as svc:
+        first = requests.post(f"{svc.url}/coins", json={"coins": ["coin-00001", "coin-00002"], "last": True})
+        wait_complete(svc.url, first.json()["batch"])
+        page.goto(svc.url + "/")
+        latest = page.locator("#latest")
+        expect(latest).to_contain_text("coin-00002")
+
+        requests.delete(f"{svc.url}/coins")
+        second = requests.post(f"{svc.url}/coins", json={"coins": ["coin-00003"], "last": True}).json()["batch"]
+        wait_complete(svc.url, second)
+        expect(latest).to_contain_text("coin-00003", timeout=20_000)
+        expect(latest.locator("li")).to_have_count(1)
+        expect(page.get_by_role("progressbar", name=f"batch {first.json()['batch']}")).to_have_count(0)
+
+        requests.delete(f"{svc.url}/batches/{second}")
+        expect(page.get_by_text("No batches yet")).to_be_visible(timeout=20_000)
+        assert page.problems == []

@@ -22,5 +22,6 @@ def healthz():
         "coins": counts,
         "upstream": svc.worker.client.stats(),
         "credits": svc.worker.client.credits.state(),
+        "generation": svc.store.generation(),
     }
     return jsonify(body), 200 if healthy else 503

@@ -34,6 +34,7 @@ def status_page():
         credits=svc.worker.client.credits.state(),
         latest=[record for record in latest if record is not None],
         last_task_run=max((record.task_run for record in latest if record is not None), default=0),
+        generation=svc.store.generation(),
     )
 
 

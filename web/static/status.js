@@ -7,6 +7,7 @@ const IDLE_MS = 15000;
 const PARTS = ["done", "invalid", "failed", "running", "queued"];
 const etags = {};
 let lastTaskRun = Number(document.body.dataset.lastTaskRun || 0);
+let generation = document.body.dataset.generation;
 
 async function getJson(path) {
   const headers = etags[path] ? { "If-None-Match": etags[path] } : {};
@@ -75,10 +76,27 @@ function batchItem(batch) {
   return item;
 }
 
+function noBatches() {
+  const item = document.createElement("li");
+  item.className = "empty";
+  const code = document.createElement("code");
+  code.textContent = "/coins";
+  item.append("No batches yet: POST coin IDs to ", code, ".");
+  return item;
+}
+
 function showBatches(batches) {
   const list = document.getElementById("batches");
-  if (!batches.length) return;
-  list.replaceChildren(...batches.map(batchItem));
+  list.replaceChildren(...(batches.length ? batches.map(batchItem) : [noBatches()]));
+}
+
+// DELETE /coins starts the store afresh (a new generation, taskRuns from 1 again): the finished coins
+// shown are gone, and the next ones are looked for from the start.
+function followClears(health) {
+  if (String(health.generation) === generation) return;
+  generation = String(health.generation);
+  lastTaskRun = 0;
+  document.getElementById("latest").replaceChildren();
 }
 
 function showLatest(coins) {
@@ -100,6 +118,7 @@ async function refresh() {
   try {
     const health = await (await fetch("/healthz")).json();
     showHealth(health);
+    followClears(health);
     const batches = await getJson("/batches");
     if (batches) showBatches(batches.batches);
     const latest = await getJson("/coins?since=" + lastTaskRun);

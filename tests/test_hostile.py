@@ -10,11 +10,13 @@ import time
 import tracemalloc
 
 import pytest
+import requests
 
 from app import Config, create_app
 from coingecko_client import MAX_RETRY_AFTER, CoinFetchError, CoinGeckoClient
 from hostile_upstream import FORMULA_IDS, HostileUpstream
 from store import DONE, FAILED
+from support import rss_mb, service, wait_complete, worker_pid
 from worker import Worker
 
 KEY = "CG-hostile-test-key-8d1e2f"
@@ -241,3 +243,23 @@ class FakeTime:
     def sleep(self, seconds: float) -> None:
         with self._lock:
             self.now += max(0.0, seconds)
+
+
+# -- the real service ---------------------------------------------------------------------
+
+
+def test_the_service_holds_its_memory_and_its_key_against_a_hostile_upstream(hostile, catcher):
+    coins = ["gzip-bomb", "deflate-bomb", "huge-body", "redirect-302", "redirect-307"]
+    with service(hostile.url, COINGECKO_API_KEY=KEY, COINGECKO_RATE_LIMIT="6000", COINGECKO_MAX_ATTEMPTS="2",
+                 COINGECKO_TIMEOUT="20") as svc:
+        pid = worker_pid(svc.proc.pid)
+        before = rss_mb(pid)
+        batch = requests.post(f"{svc.url}/coins", json={"coins": coins, "last": True}).json()["batch"]
+        wait_complete(svc.url, batch, timeout=120)
+        after = rss_mb(pid)
+        statuses = {coin: requests.get(f"{svc.url}/coins/{coin}").json()["status"] for coin in coins}
+
+    assert statuses == dict.fromkeys(coins, "failed")
+    assert after - before < 50, (before, after)
+    assert catcher.requests == []
+    assert KEY not in svc.output

@@ -30,6 +30,9 @@ from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 REQUEST_SECONDS = 10.0
+# A request cut off is answered 408, then what the client still sends is read and dropped this long,
+# so that closing the socket does not reset the connection before the client has read the answer.
+CLOSE_LINGER_SECONDS = 2.0
 SEND_SECONDS = 10.0
 # More than a head gunicorn accepts (a 4 KB request line, 100 fields of 8 KB): gunicorn then refuses it.
 MAX_HEAD_BYTES = 1 << 20
@@ -63,6 +66,7 @@ class Arrival:
         self.deadline = deadline
         self.max_body = max_body
         self.data = bytearray()
+        self.closing = False
 
     def complete(self) -> bool:
         """Whether the request is here: its head, and its body when it has a length (or is chunked)."""
@@ -77,6 +81,18 @@ class Arrival:
             return True
         wanted = int(length.group(1))
         return wanted > self.max_body or len(self.data) >= head_end + 4 + wanted
+
+    def refuse_late(self) -> None:
+        """Tell a client whose request did not come whole in time why it is cut off (a JSON 408)."""
+        what = "body" if b"\r\n\r\n" in self.data else "request's head"
+        body = json.dumps({"error": f"the {what} took over {REQUEST_SECONDS:g} s to arrive: send it in one go"})
+        head = (f"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        with suppress(OSError):
+            self.conn.sock.send((head + body).encode())
+            self.conn.sock.shutdown(socket.SHUT_WR)
+        self.closing = True
+        self.deadline = time.monotonic() + CLOSE_LINGER_SECONDS
 
     def answer_expect_continue(self) -> None:
         """A client that waits for ``100 Continue`` before its body gets it here, and the head loses its
@@ -136,6 +152,8 @@ class GuardedWorker(ThreadWorker):
         if not chunk:
             self._drop(arrival)
             return
+        if arrival.closing:
+            return
         arrival.data += chunk
         arrival.answer_expect_continue()
         if arrival.complete():
@@ -150,7 +168,10 @@ class GuardedWorker(ThreadWorker):
         super().murder_pending()
         now = time.monotonic()
         for arrival in [arrival for arrival in self.arrivals.values() if arrival.deadline <= now]:
-            self._drop(arrival)
+            if arrival.data and not arrival.closing:
+                arrival.refuse_late()
+            else:
+                self._drop(arrival)
 
     def _drop(self, arrival: Arrival) -> None:
         self.arrivals.pop(arrival.conn, None)

@@ -83,7 +83,10 @@ class _Call:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-class _WatchedHTTPConnection(HTTPConnection):
+class _Watched:
+    """A connection that hands its socket to the call in flight on this thread, before it waits for the
+    answer's headers."""
+
     def getresponse(self, *args, **kwargs):
         call = getattr(_current, "call", None)
         if call is not None:
@@ -91,12 +94,12 @@ class _WatchedHTTPConnection(HTTPConnection):
         return super().getresponse(*args, **kwargs)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def getresponse(self, *args, **kwargs):
-        call = getattr(_current, "call", None)
-        if call is not None:
-            call.attach(self.sock)
-        return super().getresponse(*args, **kwargs)
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):

@@ -19,6 +19,7 @@ RUN useradd --create-home --uid 10001 coins \
 
 COPY *.py ./
 COPY web/ ./web/
+COPY stores/ ./stores/
 
 USER coins
 

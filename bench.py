@@ -163,7 +163,7 @@ def serve_floor(path: str, port: int) -> None:
     """The floor: a bare Flask route serving the bytes of ``path``, under the service's own server."""
     from flask import Flask, Response
 
-    from app import Config
+    from config import Config
     from server import EmbeddedServer
 
     body = Path(path).read_bytes()

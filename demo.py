@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 
-from app import check_config
+from app import create_app
+from config import check_config
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from server import serve
 
@@ -40,7 +41,7 @@ def main() -> None:
     config = check_config(env)
     url = f"http://{config.host}:{config.port}"
     log.info(TRY_THIS.format(url=url, fake=fake.url, rate=f"{config.rate_limit:g}"))
-    serve(config)
+    serve(config, create_app)
 
 
 if __name__ == "__main__":

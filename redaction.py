@@ -35,6 +35,16 @@ def url_credentials(url: str | None) -> tuple[str, ...]:
     return tuple(part for part in found if part)
 
 
+def url_without_password(url: str) -> str:
+    """``url`` with the password of its credentials (found by shape, as ``url_credentials`` does) blanked."""
+    if "://" not in url or "@" not in url.split("://", 1)[1]:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, host = rest.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}"
+
+
 def register(secrets: tuple[str, ...]) -> None:
     """Keep ``secrets`` (and their percent-encoded forms, as a URL would carry them) out of every line."""
     global _secrets

@@ -26,7 +26,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from redaction import RedactingFormatter
-from store import is_postgres_url
+from stores import is_postgres_url
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def on_starting(server) -> None:
     """
     if server.cfg.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="coin-retriever-metrics-")
-    from app import check_config
+    from config import check_config
 
     config = check_config()
     if server.cfg.workers > 1 and not is_postgres_url(config.db_path):
@@ -128,8 +128,9 @@ def child_exit(server, worker) -> None:
 class EmbeddedServer(BaseApplication):
     """gunicorn run from Python, its documented way: settings from here, the app built in the worker."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, factory) -> None:
         self.service_config = config
+        self.factory = factory
         super().__init__()
 
     def load_config(self) -> None:
@@ -139,15 +140,13 @@ class EmbeddedServer(BaseApplication):
             self.cfg.set(name, value)
 
     def load(self):
-        from app import create_app
-
-        return create_app(self.service_config)
+        return self.factory(self.service_config)
 
 
 SETTINGS.update(post_fork=post_fork, post_worker_init=post_worker_init, worker_exit=worker_exit,
                 child_exit=child_exit)
 
 
-def serve(config) -> None:
-    """Serve the service with gunicorn until SIGTERM or SIGINT (exit status 0)."""
-    EmbeddedServer(config).run()
+def serve(config, factory) -> None:
+    """Serve ``factory(config)`` with gunicorn until SIGTERM or SIGINT (exit status 0)."""
+    EmbeddedServer(config, factory).run()

@@ -3,9 +3,9 @@
 Three implementations share one interface and one set of rules:
 
 * ``MemoryStore`` keeps everything in dictionaries (the default);
-* ``SqliteStore`` (``sqlite_store.py``) keeps everything in an SQLite file (``COINS_DB``), so
+* ``SqliteStore`` (``stores/sqlite.py``) keeps everything in an SQLite file (``COINS_DB``), so
   that a restart, a ``kill -9`` included, resumes the queue and keeps every record;
-* ``PostgresStore`` (``postgres_store.py``) keeps it in PostgreSQL, where several processes
+* ``PostgresStore`` (``stores/postgres.py``) keeps it in PostgreSQL, where several processes
   share one queue, one taskRun counter, one rate limit and one credit count.
 
 The rules that decide what a submission does (taskRun numbering, duplicates,
@@ -1333,21 +1333,3 @@ class _MemoryBatch:
     created: float
     closed: bool = False
     entries: BatchEntries = field(default_factory=BatchEntries)
-
-
-def is_postgres_url(db: str | None) -> bool:
-    return bool(db) and db.split("://", 1)[0].lower() in ("postgresql", "postgres")
-
-
-def open_store(db_path: str | None, lock_wait: float = 0.0, lease_seconds: float = 30.0) -> Store:
-    """The store the configuration asks for: PostgreSQL at a ``postgresql://`` URL, SQLite at a path,
-    else in memory."""
-    if not db_path:
-        return MemoryStore()
-    if is_postgres_url(db_path):
-        from postgres_store import PostgresStore
-
-        return PostgresStore(db_path, lease_seconds=lease_seconds)
-    from sqlite_store import SqliteStore
-
-    return SqliteStore(db_path, lock_wait=lock_wait)

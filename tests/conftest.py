@@ -7,12 +7,13 @@ import os
 import pytest
 
 import postgres_server as postgres_server_module
-from app import Config, create_app
+from app import create_app
 from coingecko_client import CoinGeckoClient
+from config import Config
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from postgres_store import PostgresStore
-from sqlite_store import SqliteStore
 from store import MemoryStore
+from stores.postgres import PostgresStore
+from stores.sqlite import SqliteStore
 from worker import Worker
 
 UNLIMITED = 1_000_000

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import pytest
 import responses
 
-from app import Config
 from coingecko_client import CreditsExhausted, Retrieval, UpstreamUnavailable
+from config import Config
 from credits import Credits, MemoryLedger, month_end
 from store import DONE, QUEUED
 from support import ScriptedClient

@@ -9,8 +9,9 @@ import random
 import responses
 from responses import matchers
 
-from app import Config, create_app
+from app import create_app
 from coingecko_client import CoinGeckoClient
+from config import Config
 from store import DONE, RUNNING, Outcome
 from worker import Worker
 

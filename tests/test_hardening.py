@@ -18,14 +18,14 @@ import pytest
 import requests
 
 import redaction
-from app import Config, ConfigError, configure_logging
 from coingecko_client import UpstreamUnavailable
+from config import Config, ConfigError, configure_logging
 from conftest import fast_client
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from memory import restart_with_system_allocator
 from redaction import RedactingFormatter
-from sqlite_store import SqliteStore
 from store import MemoryStore, StoreError
+from stores.sqlite import SqliteStore
 from support import ROOT, eventually, free_port, rss_mb, service, wait_complete, worker_pid
 from worker import Worker
 

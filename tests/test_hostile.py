@@ -12,8 +12,9 @@ import tracemalloc
 import pytest
 import requests
 
-from app import Config, create_app
+from app import create_app
 from coingecko_client import MAX_RETRY_AFTER, CoinFetchError, CoinGeckoClient
+from config import Config
 from hostile_upstream import FORMULA_IDS, HostileUpstream
 from store import DONE, FAILED
 from support import rss_mb, service, wait_complete, worker_pid

@@ -12,12 +12,13 @@ import time
 
 import pytest
 
-from app import Config, create_app
+from app import create_app
 from coingecko_client import SPACING_MARGIN, RateLimiter
+from config import Config
 from conftest import fast_client
 from credits import month_of
-from postgres_store import PostgresStore, display_url
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
+from stores.postgres import PostgresStore, display_url
 from support import eventually, in_threads
 from worker import Worker
 
@@ -227,7 +228,7 @@ def test_batch_counts_written_before_they_were_kept_are_counted_by_the_migration
     filled in once, when a newer process opens it."""
     import psycopg
 
-    import postgres_store
+    from stores import postgres as postgres_store
 
     monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 1)
     PostgresStore(postgres_url).close()
@@ -259,7 +260,7 @@ def test_a_schema_2_database_moves_to_the_listing_sequence_and_entries_without_a
     goes on numbering its batches' entries, listing what changed, and deleting a batch's entries."""
     import psycopg
 
-    import postgres_store
+    from stores import postgres as postgres_store
 
     monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:2])

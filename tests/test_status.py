@@ -11,7 +11,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import Config, create_app
+from app import create_app
+from config import Config
 from fake_coingecko import FakeCoinGecko, FakeData
 from support import ROOT, service, wait_complete
 

@@ -10,7 +10,6 @@ import pytest
 
 import store as store_module
 from conftest import open_test_store
-from sqlite_store import SqliteStore
 from store import (
     DONE,
     FAILED,
@@ -34,6 +33,7 @@ from store import (
     stored_id,
     stored_ids,
 )
+from stores.sqlite import SqliteStore
 
 STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
 
@@ -444,7 +444,7 @@ def test_sqlite_writes_a_submission_as_one_row_and_reads_its_entries_back(tmp_pa
 def test_a_schema_4_sqlite_file_moves_its_entries_to_one_part_each(tmp_path):
     """Entries written a row each (schema 4) keep their order and kinds: the batch counts as it did,
     takes more entries after them, and is deleted with them."""
-    import sqlite_store
+    from stores import sqlite as sqlite_store
 
     path = str(tmp_path / "coins.db")
     with sqlite3.connect(path) as conn:

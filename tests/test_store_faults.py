@@ -8,9 +8,10 @@ import threading
 
 import pytest
 
-from app import Config, create_app
-from sqlite_store import SqliteStore
+from app import create_app
+from config import Config
 from store import DONE, QUEUED, RUNNING, MemoryStore, StoreError, StoreUnavailable
+from stores.sqlite import SqliteStore
 from support import ScriptedClient
 from worker import Worker
 
@@ -167,7 +168,7 @@ def test_a_request_gives_up_on_an_unreachable_database_within_seconds(postgres_u
 
     import psycopg
 
-    from postgres_store import PostgresStore
+    from stores.postgres import PostgresStore
 
     store = PostgresStore(postgres_url)
     app = create_app(Config(), store=store, worker=Worker(store, ScriptedClient({})), start_worker=False)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 
-from app import Config
 from coingecko_client import CoinGeckoClient
+from config import Config
 from fake_coingecko import FAULT_KINDS, FakeCoinGecko, FakeData, FakeOptions
 from store import DONE, MemoryStore
 from worker import Worker

@@ -209,7 +209,8 @@ def test_progress_is_logged_while_work_remains(caplog):
 
 
 def test_delete_coins_over_http_drops_the_fetch_in_flight():
-    from app import Config, create_app
+    from app import create_app
+    from config import Config
 
     gate = Gate(("stale-exchange",))
     store, client, worker = make_worker({"bitcoin": gate})

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from memory import release_freed_memory
 from store import BatchNotFound, BatchSummary
-from web import Services, services
+from web.services import Services, services
 
 blueprint = Blueprint("batches", __name__)
 

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify, request
 from credits import iso
 from memory import release_freed_memory
 from store import DONE, MAX_TASK_RUN, BatchNotFound, CoinRecord, stored_id
-from web import ApiError, services
+from web.services import ApiError, services
 from web.submission import normalized_id, parse_submission, query_batch
 
 log = logging.getLogger(__name__)

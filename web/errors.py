@@ -9,7 +9,7 @@ from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from store import BatchClosed, BatchNotFound, StoreUnavailable
-from web import ApiError
+from web.services import ApiError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import zlib
 
 from flask import Blueprint, Response, jsonify, request
 
-from web import ApiError, services
+from web.services import ApiError, services
 
 blueprint = Blueprint("exchanges", __name__)
 

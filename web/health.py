@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from web import services
+from web.services import services
 
 blueprint = Blueprint("health", __name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from flask import Blueprint, Response, render_template
 
 from metrics import CONTENT_TYPE
-from web import services
 from web.batches import batch_view
+from web.services import services
 
 blueprint = Blueprint("status", __name__, template_folder="templates", static_folder="static",
                       static_url_path="/static")

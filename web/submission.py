@@ -16,7 +16,7 @@ from flask import request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from store import plain_ascii
-from web import ApiError
+from web.services import ApiError
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_ENTRIES = 50_000

@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from coin_ids import stored_ids
 from credits import Credits
 from store import (
     COIN,
@@ -60,7 +61,6 @@ from store import (
     new_batch_id,
     plan_submission,
     require_open,
-    stored_ids,
 )
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
+from coin_ids import stored_ids
 from store import (
     COIN_MASK,
     DONE,
@@ -40,7 +41,6 @@ from store import (
     new_batch_id,
     plan_submission,
     require_open,
-    stored_ids,
 )
 
 log = logging.getLogger(__name__)

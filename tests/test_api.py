@@ -8,10 +8,10 @@ import re
 
 import pytest
 
+from coin_ids import normalized_ids
 from conftest import drain
 from store import Outcome
 from web.listing import SEGMENT_RUNS
-from web.submission import normalized_ids
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 
 import store as store_module
+from coin_ids import malformed_reason, stored_id, stored_ids
 from conftest import open_test_store
 from store import (
     DONE,
@@ -27,11 +28,8 @@ from store import (
     SubmitResult,
     Tallies,
     all_new,
-    malformed_reason,
     plan_each_entry,
     plan_submission,
-    stored_id,
-    stored_ids,
 )
 from stores.sqlite import SqliteStore
 

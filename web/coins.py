@@ -7,11 +7,17 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, jsonify, request
 
+from coin_ids import normalized_id, stored_id
 from credits import iso
 from memory import release_freed_memory
-from store import DONE, MAX_TASK_RUN, BatchNotFound, CoinRecord, stored_id
+from store import (
+    DONE,
+    MAX_TASK_RUN,
+    BatchNotFound,
+    CoinRecord,
+)
 from web.services import ApiError, services
-from web.submission import normalized_id, parse_submission, query_batch
+from web.submission import parse_submission, query_batch
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from flask import request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from store import plain_ascii
+from coin_ids import normalized_ids
 from web.services import ApiError
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
@@ -60,22 +60,6 @@ def parse_submission() -> Submission:
         raise ApiError(400, "no coin IDs in the body: send at least one, e.g. {\"coins\": [\"bitcoin\"]}")
     submission.coin_ids = coin_ids
     return submission
-
-
-def normalized_ids(entries: list[str]) -> list[str]:
-    """Each entry as ``normalized_id`` makes it, the empty ones dropped. A list with no white space,
-    upper case or empty entry (nearly every POST) is checked in a few passes in C and kept as it is."""
-    joined = "".join(entries)
-    if all(entries) and plain_ascii(joined) and joined.lower() == joined:
-        return entries
-    return [coin_id for entry in entries if (coin_id := normalized_id(entry))]
-
-
-def normalized_id(entry: str) -> str:
-    """``entry`` without surrounding white space, in lower case: the same string when it already is
-    (a POST of 50,000 IDs then makes no second copy of each)."""
-    stripped = entry.strip()
-    return stripped if stripped.islower() or not stripped else stripped.lower()
 
 
 def _read_body() -> bytes:

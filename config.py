@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import redaction
 from coingecko_client import PLANS, CoinGeckoClient
 from redaction import LOG_FORMAT, RedactingFormatter, url_credentials, url_without_password
-from store import MemoryStore, Store, StoreError
+from store import Store, StoreError
 from stores import open_store
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Config:
 
     def make_client(self, store: Store | None = None) -> CoinGeckoClient:
         """The upstream client; its credits (and, on a shared store, its call slots) are kept in ``store``."""
-        store = store or MemoryStore()
+        store = store or open_store(None)
         return CoinGeckoClient(
             self.api_url,
             api_key=self.api_key,

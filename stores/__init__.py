@@ -1,11 +1,11 @@
-"""The stores' backends (``memory`` lives in ``store.py`` for now, ``sqlite``, ``postgres``) and the factory
+"""The stores' backends (``memory``, ``sqlite``, ``postgres``, and the ``tallies`` they share) and the factory
 that picks one from ``COINS_DB``. No backend imports this module; the backends import ``store``, never
 the other way round.
 """
 
 from __future__ import annotations
 
-from store import MemoryStore, Store
+from store import Store
 
 
 def is_postgres_url(db: str | None) -> bool:
@@ -16,6 +16,8 @@ def open_store(db_path: str | None, lock_wait: float = 0.0, lease_seconds: float
     """The store the configuration asks for: PostgreSQL at a ``postgresql://`` URL, SQLite at a path,
     else in memory."""
     if not db_path:
+        from stores.memory import MemoryStore
+
         return MemoryStore()
     if is_postgres_url(db_path):
         from stores.postgres import PostgresStore

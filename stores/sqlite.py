@@ -35,13 +35,12 @@ from store import (
     StoreUnavailable,
     SubmissionPlan,
     SubmitResult,
-    TalliedStore,
-    Tallies,
     finished_record,
     new_batch_id,
     plan_submission,
     require_open,
 )
+from stores.tallies import TalliedStore, Tallies
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from app import create_app
 from coingecko_client import CoinGeckoClient
 from config import Config
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from store import MemoryStore
+from stores.memory import MemoryStore
 from stores.postgres import PostgresStore
 from stores.sqlite import SqliteStore
 from worker import Worker

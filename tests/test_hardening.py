@@ -24,7 +24,8 @@ from conftest import fast_client
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from memory import restart_with_system_allocator
 from redaction import RedactingFormatter
-from store import MemoryStore, StoreError
+from store import StoreError
+from stores.memory import MemoryStore
 from stores.sqlite import SqliteStore
 from support import ROOT, eventually, free_port, rss_mb, service, wait_complete, worker_pid
 from worker import Worker

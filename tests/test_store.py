@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-import store as store_module
+import stores.tallies as tallies_module
 from coin_ids import malformed_reason, stored_id, stored_ids
 from conftest import open_test_store
 from store import (
@@ -21,17 +21,17 @@ from store import (
     BatchEntries,
     BatchNotFound,
     CoinRecord,
-    MemoryStore,
     Outcome,
     StoreError,
     SubmissionPlan,
     SubmitResult,
-    Tallies,
     all_new,
     plan_each_entry,
     plan_submission,
 )
+from stores.memory import MemoryStore
 from stores.sqlite import SqliteStore
+from stores.tallies import Tallies
 
 STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
 
@@ -341,7 +341,7 @@ def test_listing_changes_name_each_taskrun_listed_or_listed_again(store):
 
 
 def test_the_listing_log_says_when_it_no_longer_reaches_back(monkeypatch):
-    monkeypatch.setattr(store_module, "LISTING_LOG_KEPT", 4)
+    monkeypatch.setattr(tallies_module, "LISTING_LOG_KEPT", 4)
     store = MemoryStore()
     _, start = store.listing_changes(None)
     store.submit([f"coin-{i}" for i in range(10)])
@@ -565,7 +565,7 @@ def test_status_counts_come_in_the_same_order_on_every_store(store):
 
 
 def test_sorted_runs_keep_order_and_widen_past_four_bytes():
-    from store import SortedRuns
+    from stores.tallies import SortedRuns
 
     runs = SortedRuns()
     runs.add_all([9, 3, 7])

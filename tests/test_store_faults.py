@@ -10,7 +10,8 @@ import pytest
 
 from app import create_app
 from config import Config
-from store import DONE, QUEUED, RUNNING, MemoryStore, StoreError, StoreUnavailable
+from store import DONE, QUEUED, RUNNING, StoreError, StoreUnavailable
+from stores.memory import MemoryStore
 from stores.sqlite import SqliteStore
 from support import ScriptedClient
 from worker import Worker

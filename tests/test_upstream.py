@@ -10,7 +10,8 @@ import logging
 from coingecko_client import CoinGeckoClient
 from config import Config
 from fake_coingecko import FAULT_KINDS, FakeCoinGecko, FakeData, FakeOptions
-from store import DONE, MemoryStore
+from store import DONE
+from stores.memory import MemoryStore
 from worker import Worker
 
 

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from coingecko_client import CoinFetchError, CoinGeckoClient, CoinNotFound, Retrieval, UpstreamUnavailable
-from store import DONE, FAILED, INVALID, QUEUED, MemoryStore
+from store import DONE, FAILED, INVALID, QUEUED
+from stores.memory import MemoryStore
 from support import ScriptedClient, scripted
 from worker import Worker
 

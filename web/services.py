@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from flask import current_app
 
 from metrics import Metrics
-from store import MemoryStore, Store
+from store import Store
 from web.batch_listing import BatchListing
 from web.listing import CoinListing
 from worker import Worker
@@ -53,7 +53,7 @@ class Services:
             return
         self._closed.set()
         self.worker.stop(timeout)
-        if isinstance(self.store, MemoryStore):
+        if not self.store.durable:
             queued = self.store.status_counts()["queued"]
             if queued:
                 log.warning("shutting down: %d queued coin(s) dropped (the store is in memory; set COINS_DB "

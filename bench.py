@@ -135,7 +135,7 @@ def measure_scale(store: str, coins: int, repeat: int, workdir: str, postgres: s
 
 
 def measure_index(session: requests.Session, url: str, ids: list[str], repeat: int, pid: int) -> dict:
-    """Issue 14's rows: /exchanges, the largest exchange, the CSV and NDJSON listings, and a refresh."""
+    """The index rows: /exchanges, the largest exchange, the CSV and NDJSON listings, and a refresh."""
     exchanges = timed_gets(session, f"{url}/exchanges", repeat)
     largest = max(session.get(f"{url}/exchanges").json()["exchanges"], key=lambda e: e["coins"])
     exchange = timed_gets(session, f"{url}/exchanges/{largest['id']}", repeat)

@@ -14,11 +14,55 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import requests
 
 from coingecko_client import CoinGeckoClient, Retrieval
+from stores.memory import MemoryStore
+from stores.postgres import PostgresStore
+from stores.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+UNLIMITED = 1_000_000
+
+
+def fast_client(url: str, **overrides) -> CoinGeckoClient:
+    """A real client with no pacing to speak of and millisecond backoffs."""
+    settings = {"rate_limit": UNLIMITED, "backoff": 0.001, "max_backoff": 0.01, "timeout": 2.0} | overrides
+    return CoinGeckoClient(url, **settings)
+
+
+def open_test_store(kind: str, request, tmp_path, clock=None):
+    """A new, empty store of ``kind``."""
+    timing = {} if clock is None else {"clock": clock}
+    if kind == "memory":
+        return MemoryStore(**timing)
+    if kind == "sqlite":
+        return SqliteStore(str(tmp_path / "coins.db"), **timing)
+    return PostgresStore(request.getfixturevalue("postgres_url"), lease_seconds=30, **timing)
+
+
+def drain(app) -> int:
+    """Run the app's worker in this thread until the queue is empty; returns coins processed."""
+    worker = app.extensions["coin_retriever"].worker
+    processed = 0
+    while worker.process_next():
+        processed += 1
+    return processed
+
+
+REQUIRE_TOOLS = "COINS_REQUIRE_SYSTEM_TOOLS"
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip a test that needs a system tool this machine lacks; fail instead where CI requires the tools."""
+    if available:
+        return
+    if os.environ.get(REQUIRE_TOOLS):
+        pytest.fail(f"{reason} ({REQUIRE_TOOLS} is set: this run needs it)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from coin_ids import normalized_ids
-from conftest import drain
 from store import Outcome
+from support import drain
 from web.listing import SEGMENT_RUNS
 
 

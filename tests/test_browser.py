@@ -1,4 +1,4 @@
-"""Issue 13 in a real browser: Playwright driving Debian's Chromium against the service and the fake."""
+"""A real browser: Playwright driving Debian's Chromium against the service and the fake."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import tempfile
 import pytest
 import requests
 
-from conftest import require
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from support import service, wait_complete
+from support import require, service, wait_complete
 
 CHROMIUM = os.environ.get("COINS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

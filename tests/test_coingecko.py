@@ -1,4 +1,4 @@
-"""Issue 10, unit level: the real CoinGecko's recorded answers, page drift, credits and /key.
+"""The real CoinGecko's recorded answers, page drift, credits and /key.
 
 Client tests use ``responses`` with the bodies and headers CoinGecko is known to send; the
 drift tests run the worker on an injected clock, on both stores.

@@ -1,4 +1,4 @@
-"""Issue 12: the Docker image, built and run by a real container engine, over HTTP from the host.
+"""The Docker image, built and run by a real container engine, over HTTP from the host.
 
 The engine is ``COINS_CONTAINER`` (``docker``, ``podman``, a path), else the project's podman
 tool in ``../shared/tools/container``, else docker or podman on the PATH. The containers use
@@ -19,9 +19,8 @@ import uuid
 import pytest
 import requests
 
-from conftest import require
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-from support import ROOT, eventually, free_port, wait_complete
+from support import ROOT, eventually, free_port, require, wait_complete
 
 pytestmark = pytest.mark.container
 

@@ -1,4 +1,4 @@
-"""Issue 9: what broke when the service was attacked and run as operators run it, one test a defect."""
+"""What broke when the service was attacked and run as operators run it, one test a defect."""
 
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import requests
 import redaction
 from coingecko_client import UpstreamUnavailable
 from config import Config, ConfigError, configure_logging
-from conftest import fast_client
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from memory import restart_with_system_allocator
 from redaction import RedactingFormatter
 from store import StoreError
 from stores.memory import MemoryStore
 from stores.sqlite import SqliteStore
-from support import ROOT, eventually, free_port, rss_mb, service, wait_complete, worker_pid
+from support import ROOT, eventually, fast_client, free_port, rss_mb, service, wait_complete, worker_pid
 from worker import Worker
 
 KEY = "CG-s3cretKEY"

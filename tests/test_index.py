@@ -1,4 +1,4 @@
-"""Issue 14: the listing as CSV and NDJSON, and the exchanges' side of the map, on every store."""
+"""The listing as CSV and NDJSON, and the exchanges' side of the map, on every store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import drain
+from support import drain
 
 COINS = ["bitcoin", "zero-tickers", "tether", "not-a-coin", "a+b", "one-ticker", "ethereum"]
 

@@ -15,11 +15,10 @@ import pytest
 from app import create_app
 from coingecko_client import SPACING_MARGIN, RateLimiter
 from config import Config
-from conftest import fast_client
 from credits import month_of
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
 from stores.postgres import PostgresStore, display_url
-from support import eventually, in_threads
+from support import eventually, fast_client, in_threads
 from worker import Worker
 
 

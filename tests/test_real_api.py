@@ -1,4 +1,4 @@
-"""Issue 10, end to end: ``python app.py`` against the fake taught CoinGecko's real behaviour, over HTTP."""
+"""``python app.py`` against the fake taught CoinGecko's real behaviour, over HTTP."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Issue 14: a living index. Refreshing keeps a coin listed until its new retrieval lands, on every store."""
+"""A living index. Refreshing keeps a coin listed until its new retrieval lands, on every store."""
 
 from __future__ import annotations
 
-from conftest import drain, fast_client
 from store import DONE, QUEUED, Outcome
+from support import drain, fast_client
 from test_index import assert_index_matches_listing
 from worker import Worker
 

@@ -1,4 +1,4 @@
-"""Issue 13: the status page, /metrics and /openapi.json; schemathesis holds every answer to the document."""
+"""The status page, /metrics and /openapi.json; schemathesis holds every answer to the document."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import pytest
 
 import stores.tallies as tallies_module
 from coin_ids import malformed_reason, stored_id, stored_ids
-from conftest import open_test_store
 from store import (
     DONE,
     FAILED,
@@ -32,6 +31,7 @@ from store import (
 from stores.memory import MemoryStore
 from stores.sqlite import SqliteStore
 from stores.tallies import Tallies
+from support import open_test_store
 
 STATUS_KEYS = ("queued", "running", "done", "invalid", "failed")
 

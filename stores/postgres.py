@@ -23,14 +23,10 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import psycopg
-from psycopg import errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from coin_ids import stored_ids
 from credits import Credits
@@ -39,7 +35,6 @@ from store import (
     COUNT_KEYS,
     DONE,
     DUPLICATE,
-    FAILED,
     INVALID,
     KIND_CODES,
     KINDS,
@@ -54,198 +49,24 @@ from store import (
     CoinRecord,
     Outcome,
     Store,
-    StoreError,
-    StoreUnavailable,
     SubmitResult,
     finished_record,
     new_batch_id,
     plan_submission,
     require_open,
 )
+from stores.postgres_connector import PostgresConnector, error_line
+from stores.postgres_schema import BULK_COUNTED, ENDED
+from stores.postgres_shared import NOW, PostgresSlots, SharedCredits
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "coin_retriever"
-MIGRATION_LOCK = 0x636F696E  # pg_advisory_xact_lock key: one process migrates at a time
-NOW = "extract(epoch from clock_timestamp())::float8"
-# No JIT: it compiles any statement whose estimate passes jit_above_cost, and every statement here is
-# short and index-driven. GET /batches with 10,000 batches paid 11 ms a call for it, and a connection's
-# first such call 3.6 s to load LLVM.
-SESSION_OPTIONS = f"-c search_path={SCHEMA} -c jit=off"
-RETRIES = 8
 EXCHANGES_CACHED = 256
 
-ENDED = (DONE, INVALID, FAILED)  # the statuses whose moves a batch's row counts (schema 2)
-BATCH_COLUMNS = ("submitted", "duplicates", "malformed", "coins", *ENDED)
 MALFORMED_CODE = KIND_CODES[MALFORMED]
-BULK_COUNTED = "coin_retriever.bulk_counted"  # set in a transaction whose coin moves are counted by batch
 
-# MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction.
-MIGRATIONS = [
-    f"""
-CREATE TABLE coins (
-    id TEXT PRIMARY KEY,
-    task_run BIGINT NOT NULL,
-    status TEXT NOT NULL,
-    exchanges TEXT[],
-    error TEXT,
-    claim BIGINT NOT NULL DEFAULT 0,
-    lease_until DOUBLE PRECISION,
-    not_before DOUBLE PRECISION,
-    first_pass JSONB,
-    fetched_at DOUBLE PRECISION,
-    tickers INTEGER,
-    total INTEGER,
-    complete BOOLEAN,
-    refreshing BOOLEAN NOT NULL DEFAULT FALSE
-);
-CREATE INDEX coins_queued ON coins (task_run) WHERE status = 'queued';
-CREATE INDEX coins_leased ON coins (lease_until) WHERE status = 'running';
-CREATE INDEX coins_listed ON coins (task_run) INCLUDE (id) WHERE status = 'done' OR refreshing;
-CREATE INDEX coins_by_age ON coins (fetched_at) WHERE status = 'done' AND NOT refreshing;
-CREATE INDEX coins_by_exchange ON coins USING gin (exchanges);
-CREATE SEQUENCE claims;
-CREATE TABLE batches (
-    id TEXT PRIMARY KEY,
-    created DOUBLE PRECISION NOT NULL,
-    closed BOOLEAN NOT NULL DEFAULT FALSE,
-    position BIGSERIAL
-);
-CREATE TABLE batch_entries (
-    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    coin_id TEXT NOT NULL,
-    task_run BIGINT NOT NULL,
-    kind TEXT NOT NULL,
-    PRIMARY KEY (batch_id, position)
-);
-CREATE INDEX batch_entries_by_coin ON batch_entries (coin_id);
-CREATE TABLE state (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    scope TEXT NOT NULL,
-    next_task_run BIGINT NOT NULL,
-    generation BIGINT NOT NULL,
-    version BIGINT NOT NULL,
-    relisted_floor BIGINT NOT NULL
-);
-INSERT INTO state VALUES (1, substr(md5(random()::text), 1, 8), 1, 1, 1, 0);
-CREATE TABLE relisted (seq BIGSERIAL PRIMARY KEY, coin_id TEXT NOT NULL);
-CREATE TABLE status_counts (status TEXT PRIMARY KEY, n BIGINT NOT NULL);
-INSERT INTO status_counts SELECT unnest(ARRAY{list(STATUSES)}), 0;
-CREATE TABLE credits (month TEXT PRIMARY KEY, used BIGINT NOT NULL);
-CREATE TABLE pacing (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    next_slot DOUBLE PRECISION NOT NULL,
-    paused_until DOUBLE PRECISION NOT NULL,
-    pauses BIGINT NOT NULL
-);
-INSERT INTO pacing VALUES (1, 0, 0, 0);
-"""
-    + "".join(
-        f"""
-CREATE FUNCTION count_statuses_{op}() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM 1 FROM status_counts ORDER BY status FOR UPDATE;
-    UPDATE status_counts s SET n = s.n + d.k FROM (
-        SELECT status, sum(k) AS k FROM ({rows}) x GROUP BY status
-    ) d WHERE s.status = d.status AND d.k <> 0;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER count_statuses_{op} AFTER {event} ON coins REFERENCING {tables}
-    FOR EACH STATEMENT EXECUTE FUNCTION count_statuses_{op}();
-"""
-        for op, event, tables, rows in (
-            ("insert", "INSERT", "NEW TABLE AS new_rows", "SELECT status, 1 AS k FROM new_rows"),
-            ("update", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows",
-             "SELECT status, 1 AS k FROM new_rows UNION ALL SELECT status, -1 FROM old_rows"),
-            ("delete", "DELETE", "OLD TABLE AS old_rows", "SELECT status, -1 AS k FROM old_rows"),
-        )
-    ),
-    # 2: each batch's counts kept in its row, rather than counted on every read. Only the moves into
-    # and out of an ending status (done, invalid, failed) are counted, a row trigger each: a claim or
-    # a release moves nothing, so the busiest statements do not touch the batch. Running coins are
-    # few and counted when read; queued ones are what remains. Coins are inserted before their
-    # entries (submit counts its own) and deleted only when no batch has them. A statement that
-    # moves many coins counts them itself, in one step a batch (``_move_in_bulk``): one row updated
-    # thousands of times in one transaction is a chain of versions walked on every update.
-    f"""
-ALTER TABLE batches {", ".join(f"ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0" for column in BATCH_COLUMNS)};
-UPDATE batches b SET {", ".join(f"{column} = d.{column}" for column in BATCH_COLUMNS)} FROM (
-    SELECT e.batch_id, count(*) AS submitted,
-        count(*) FILTER (WHERE e.kind = '{DUPLICATE}') AS duplicates,
-        count(*) FILTER (WHERE e.kind = '{MALFORMED}' OR (e.kind = '{COIN}' AND c.status IS NULL)) AS malformed,
-        count(*) FILTER (WHERE e.kind = '{COIN}') AS coins,
-        {", ".join(f"count(*) FILTER (WHERE c.status = '{status}') AS {status}" for status in ENDED)}
-    FROM batch_entries e LEFT JOIN coins c ON c.id = e.coin_id AND e.kind = '{COIN}' GROUP BY e.batch_id
-) d WHERE b.id = d.batch_id;
-CREATE INDEX batch_entries_queued_last ON batch_entries (batch_id, task_run) WHERE kind = '{COIN}';
-CREATE FUNCTION count_batches() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF current_setting('{BULK_COUNTED}', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    UPDATE batches b SET {", ".join(f"{s} = {s} + (NEW.status = '{s}')::int - (OLD.status = '{s}')::int"
-                                    for s in ENDED)}
-        FROM batch_entries e WHERE e.coin_id = NEW.id AND e.kind = '{COIN}' AND b.id = e.batch_id;
-    RETURN NULL;
-END $$;
-CREATE TRIGGER count_batches AFTER UPDATE OF status ON coins FOR EACH ROW
-    WHEN (OLD.status <> NEW.status AND (OLD.status IN {ENDED} OR NEW.status IN {ENDED}))
-    EXECUTE FUNCTION count_batches();
-""",
-    # 3: each record that lands takes the next number of one sequence (under the state row, so in
-    # commit order): the listing's changes since a number are an index range, and replace the
-    # log of re-listed coins. A POST of 50,000 IDs writes as many coins and entries, so what each
-    # row costs was cut: entries lose the per-row foreign-key check (delete_batch deletes a
-    # batch's entries) and the key on their position (the next one is the batch's kept count; one
-    # index on (batch, taskRun) of every kind serves a batch's reads and its last queued coin);
-    # IDs compare byte by byte (no order of IDs is ever shown, and a locale's is slower); the
-    # exchange index holds listed coins only (the only ones it is asked about, and a new coin's
-    # NULL is an entry too); a submission counts the statuses of the coins it inserts, rather
-    # than a trigger reading them all back from a transition table.
-    """
-ALTER TABLE coins ADD COLUMN listed_seq BIGINT;
-CREATE SEQUENCE listing_changes;
-CREATE INDEX coins_listing_changes ON coins (listed_seq) WHERE listed_seq IS NOT NULL;
-DROP TABLE relisted;
-ALTER TABLE state DROP COLUMN relisted_floor;
-ALTER TABLE batch_entries DROP CONSTRAINT batch_entries_batch_id_fkey, DROP CONSTRAINT batch_entries_pkey,
-    ALTER COLUMN batch_id TYPE TEXT COLLATE "C", ALTER COLUMN coin_id TYPE TEXT COLLATE "C";
-ALTER TABLE coins ALTER COLUMN id TYPE TEXT COLLATE "C";
-ALTER TABLE batches ALTER COLUMN id TYPE TEXT COLLATE "C";
-DROP INDEX batch_entries_queued_last;
-CREATE INDEX batch_entries_by_batch ON batch_entries (batch_id, task_run);
-DROP INDEX coins_by_exchange;
-CREATE INDEX coins_by_exchange ON coins USING gin (exchanges) WHERE status = 'done' OR refreshing;
-DROP TRIGGER count_statuses_insert ON coins;
-DROP FUNCTION count_statuses_insert();
-""",
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing"
-TRANSIENT = (errors.DeadlockDetected, errors.SerializationFailure)
-# How long a request waits for a pooled connection before it gives up (a 503): a database that is away
-# must not pin the service's threads.
-POOL_WAIT_SECONDS = 3.0
-
-
-def display_url(url: str) -> str:
-    """``url`` without its password, fit for a log line or an error."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://…"
-    params.pop("password", None)
-    return f"postgresql://{params.get('user', '')}@{params.get('host', '')}:{params.get('port', 5432)}/" \
-           f"{params.get('dbname', '')}"
-
-
-def url_password(url: str) -> str | None:
-    try:
-        return conninfo_to_dict(url).get("password") or None
-    except psycopg.ProgrammingError:
-        return None
 
 
 class PostgresStore(Store):
@@ -264,21 +85,8 @@ class PostgresStore(Store):
     ) -> None:
         self._clock = clock
         self.lease_seconds = lease_seconds
-        self._shown = display_url(url)
-        try:
-            conninfo = make_conninfo(url, connect_timeout=max(1, round(connect_timeout)),
-                                     options=SESSION_OPTIONS, application_name="coin-retriever")
-        except psycopg.ProgrammingError as exc:
-            raise StoreError(f"cannot open COINS_DB {self._shown}: not a PostgreSQL URL ({exc})") from None
-        self._pool = ConnectionPool(conninfo, min_size=1, max_size=pool_size, open=False, timeout=POOL_WAIT_SECONDS,
-                                    kwargs={"autocommit": True}, name="coin-retriever")
-        try:
-            psycopg.connect(conninfo).close()  # the server's own refusal, rather than the pool's time-out
-            self._pool.open(wait=True, timeout=connect_timeout + 1)
-            self._scope = "pg" + self._migrate()
-        except (psycopg.Error, PoolTimeout) as exc:
-            self._pool.close()
-            raise StoreError(f"cannot open COINS_DB {self._shown}: {_reason(exc)}") from None
+        self._db = PostgresConnector(url, pool_size=pool_size, connect_timeout=connect_timeout)
+        self._scope = "pg" + self._db.scope
         self._held_lock = threading.Lock()
         self._held: set[int] = set()
         self._stop = threading.Event()
@@ -286,79 +94,6 @@ class PostgresStore(Store):
         self._renewer.start()
         self._index_cache: tuple[int | None, dict] = (None, {})
         self._takeover_due = 0.0
-
-    # -- plumbing -----------------------------------------------------------------------------
-
-    def _migrate(self) -> str:
-        """Bring the schema up to this release's version; returns the database's scope (for ETags)."""
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            version = row[0] if row else 0
-            if row is None:
-                conn.execute("INSERT INTO schema_version VALUES (0)")
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"COINS_DB {self._shown} has schema version {version}, written by a newer release; "
-                    f"this release reads version {SCHEMA_VERSION}: upgrade every process on it"
-                )
-            for step in range(version, SCHEMA_VERSION):
-                conn.execute(MIGRATIONS[step])
-                conn.execute("UPDATE schema_version SET version = %s", (step + 1,))
-                log.info("COINS_DB %s: schema version %d", self._shown, step + 1)
-            return conn.execute("SELECT scope FROM state").fetchone()[0]
-
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection; a server that does not answer is ``StoreUnavailable`` (503 to a client,
-        a retry in a second to the worker), never a driver error."""
-        try:
-            with self._pool.connection() as conn:
-                yield conn
-        except TRANSIENT:
-            raise
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            self._drop_broken_connections()
-            raise StoreUnavailable(f"the database {self._shown} does not answer: {_reason(exc)}") from exc
-
-    def _drop_broken_connections(self) -> None:
-        """After a server restart every pooled connection is broken: find them all now, rather than one
-        failed request each."""
-        try:
-            self._pool.check()
-        except Exception as exc:  # the server is still away: the next failure checks again
-            log.debug("checking the pool's connections failed: %s", _reason(exc))
-
-    def _write(self, work: Callable[[psycopg.Connection], object], block: bool = True) -> object:
-        """Run ``work`` in one transaction (``block``: BEGIN … COMMIT; else one statement that is its own),
-        again if PostgreSQL broke a deadlock by aborting it."""
-        for attempt in range(RETRIES):
-            try:
-                with self._connection() as conn:
-                    if not block:
-                        return work(conn)
-                    with conn.transaction():
-                        return work(conn)
-            except TRANSIENT:
-                if attempt == RETRIES - 1:
-                    raise
-                time.sleep(0.01 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _execute(self, query: str, params: Sequence | dict = ()) -> psycopg.Cursor:
-        """One statement on its own (atomic without a transaction block: one round trip), again on a
-        deadlock."""
-        return self._write(lambda conn: conn.execute(query, params), block=False)
-
-    def _read(self, query: str, params: Sequence = ()) -> list[tuple]:
-        with self._connection() as conn:
-            return conn.execute(query, params).fetchall()
-
-    def _one(self, query: str, params: Sequence = ()):
-        rows = self._read(query, params)
-        return rows[0] if rows else None
 
     @staticmethod
     def _lock_state(conn: psycopg.Connection) -> int:
@@ -429,10 +164,10 @@ class PostgresStore(Store):
             conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (plan.next_task_run,))
             return plan.result
 
-        return self._write(work)
+        return self._db.write(work)
 
     def refresh_oldest(self, age: float) -> str | None:
-        row = self._execute(
+        row = self._db.execute(
             "UPDATE coins SET status = %s, refreshing = TRUE, error = NULL WHERE id = ("
             " SELECT id FROM coins WHERE status = %s AND NOT refreshing AND fetched_at < %s"
             " ORDER BY fetched_at LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
@@ -441,17 +176,17 @@ class PostgresStore(Store):
         return row[0] if row else None
 
     def seconds_until_stale(self, age: float) -> float | None:
-        oldest = self._one("SELECT MIN(fetched_at) FROM coins WHERE status = %s AND NOT refreshing", (DONE,))[0]
+        oldest = self._db.one("SELECT MIN(fetched_at) FROM coins WHERE status = %s AND NOT refreshing", (DONE,))[0]
         return None if oldest is None else max(0.0, oldest + age - self._clock())
 
     def listing_changes(self, cursor: int | None) -> tuple[list[int] | None, int]:
         if cursor is None:
-            return None, self._one("SELECT COALESCE(MAX(listed_seq), 0) FROM coins")[0]
-        rows = self._read("SELECT listed_seq, task_run FROM coins WHERE listed_seq > %s", (cursor,))
+            return None, self._db.one("SELECT COALESCE(MAX(listed_seq), 0) FROM coins")[0]
+        rows = self._db.read("SELECT listed_seq, task_run FROM coins WHERE listed_seq > %s", (cursor,))
         return [task_run for _, task_run in rows], max((seq for seq, _ in rows), default=cursor)
 
     def listed_between(self, low: int, high: int) -> tuple[list[int], list[str]]:
-        rows = self._read("SELECT task_run, id FROM coins WHERE (status = 'done' OR refreshing)"
+        rows = self._db.read("SELECT task_run, id FROM coins WHERE (status = 'done' OR refreshing)"
                           " AND task_run >= %s AND task_run < %s ORDER BY task_run", (low, high))
         return [task_run for task_run, _ in rows], [coin_id for _, coin_id in rows]
 
@@ -467,7 +202,7 @@ class PostgresStore(Store):
         now = time.monotonic()
         if now >= self._takeover_due:
             self._takeover_due = now + self.lease_seconds / 3
-            taken = self._execute(
+            taken = self._db.execute(
                 f"UPDATE coins SET claim = nextval('claims'), lease_until = {NOW} + %s WHERE id = ("
                 f" SELECT id FROM coins WHERE status = 'running' AND lease_until < {NOW}"
                 " ORDER BY task_run LIMIT 1 FOR UPDATE SKIP LOCKED)"
@@ -477,7 +212,7 @@ class PostgresStore(Store):
                 self._takeover_due = now
                 log.warning("coin %s: taken over, the lease of the process that held it ran out", taken[0])
         if taken is None:
-            taken = self._execute(
+            taken = self._db.execute(
                 f"UPDATE coins SET status = 'running', claim = nextval('claims'), lease_until = {NOW} + %s,"
                 " not_before = NULL WHERE id = ("
                 " SELECT id FROM coins WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %s)"
@@ -503,11 +238,11 @@ class PostgresStore(Store):
             if not held:
                 continue
             try:
-                with self._connection() as conn:
+                with self._db.connection() as conn:
                     conn.execute(f"UPDATE coins SET lease_until = {NOW} + %s WHERE status = 'running'"
                                  " AND claim = ANY(%s)", (self.lease_seconds, held))
             except Exception as exc:  # the next round tries again; the lease outlives a few misses
-                log.warning("renewing %d lease(s) failed: %s", len(held), _reason(exc))
+                log.warning("renewing %d lease(s) failed: %s", len(held), error_line(exc))
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
         """Store the outcome if ``claim`` still holds the coin: two round trips (statements pipelined), the
@@ -533,7 +268,7 @@ class PostgresStore(Store):
                 )
 
         try:
-            self._write(work)
+            self._db.write(work)
             return True
         except _StaleClaim:
             return False
@@ -541,13 +276,13 @@ class PostgresStore(Store):
             self._let_go(claim)
 
     def release(self, claim: Claim) -> None:
-        self._execute("UPDATE coins SET status = %s, claim = 0, lease_until = NULL WHERE id = %s AND status = %s"
+        self._db.execute("UPDATE coins SET status = %s, claim = 0, lease_until = NULL WHERE id = %s AND status = %s"
                       " AND claim = %s", (QUEUED, claim.coin_id, RUNNING, claim.token))
         self._let_go(claim)
 
     def defer(self, claim: Claim, seconds: float, first_pass: frozenset) -> bool:
         not_before = self._clock() + seconds
-        deferred = self._execute(
+        deferred = self._db.execute(
             "UPDATE coins SET status = %s, claim = 0, lease_until = NULL, not_before = %s, first_pass = %s"
             " WHERE id = %s AND status = %s AND claim = %s",
             (QUEUED, not_before, Jsonb(sorted(first_pass, key=repr)), claim.coin_id, RUNNING, claim.token),
@@ -556,12 +291,12 @@ class PostgresStore(Store):
         return bool(deferred)
 
     def seconds_until_ready(self) -> float | None:
-        first = self._one("SELECT MIN(not_before) FROM coins WHERE status = %s AND not_before IS NOT NULL",
+        first = self._db.one("SELECT MIN(not_before) FROM coins WHERE status = %s AND not_before IS NOT NULL",
                           (QUEUED,))[0]
         return None if first is None else max(0.0, first - self._clock())
 
     def claim_alive(self, claim: Claim) -> bool:
-        alive = self._one("SELECT 1 FROM coins WHERE id = %s AND status = %s AND claim = %s",
+        alive = self._db.one("SELECT 1 FROM coins WHERE id = %s AND status = %s AND claim = %s",
                           (claim.coin_id, RUNNING, claim.token)) is not None
         if not alive:
             self._let_go(claim)
@@ -570,18 +305,18 @@ class PostgresStore(Store):
     # -- credits and call slots -------------------------------------------------------------------
 
     def credits_used(self, month: str) -> int:
-        row = self._one("SELECT used FROM credits WHERE month = %s", (month,))
+        row = self._db.one("SELECT used FROM credits WHERE month = %s", (month,))
         return row[0] if row else 0
 
     def add_credits(self, month: str, count: int) -> None:
-        self._execute("INSERT INTO credits (month, used) VALUES (%s, %s)"
+        self._db.execute("INSERT INTO credits (month, used) VALUES (%s, %s)"
                       " ON CONFLICT (month) DO UPDATE SET used = credits.used + EXCLUDED.used", (month, count))
 
     def reserve_credit(self, month: str, limit: int | None) -> bool:
         """Count one credit as used now, if ``limit`` allows it (a call that gets no 200 hands it back)."""
         if limit is not None and limit <= 0:
             return False
-        row = self._execute(
+        row = self._db.execute(
             "INSERT INTO credits AS c (month, used) VALUES (%(month)s, 1) ON CONFLICT (month) DO UPDATE"
             " SET used = c.used + 1 WHERE %(limit)s::bigint IS NULL OR c.used < %(limit)s::bigint"
             " RETURNING used", {"month": month, "limit": limit}).fetchone()
@@ -591,7 +326,7 @@ class PostgresStore(Store):
         return SharedCredits(limit, self)
 
     def call_slots(self) -> PostgresSlots:
-        return PostgresSlots(self)
+        return PostgresSlots(self._db.execute)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -608,21 +343,21 @@ class PostgresStore(Store):
         return [_record(row) for row in rows]
 
     def record(self, coin_id: str) -> CoinRecord | None:
-        row = self._one(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s", (coin_id,))
+        row = self._db.one(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s", (coin_id,))
         return _record(row) if row else None
 
     def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]:
-        with self._connection() as conn:
+        with self._db.connection() as conn:
             return self._fetch(conn, coin_ids)
 
     def has_batch(self, batch_id: str) -> bool:
-        return self._one("SELECT 1 FROM batches WHERE id = %s", (batch_id,)) is not None
+        return self._db.one("SELECT 1 FROM batches WHERE id = %s", (batch_id,)) is not None
 
     def listed_ids(self, since: int = 0, batch_id: str | None = None) -> list[str]:
         listed = "(status = 'done' OR refreshing) AND task_run > %s"
         if batch_id is None:
-            return [row[0] for row in self._read(f"SELECT id FROM coins WHERE {listed} ORDER BY task_run", (since,))]
-        with self._connection() as conn, conn.transaction():
+            return [row[0] for row in self._db.read(f"SELECT id FROM coins WHERE {listed} ORDER BY task_run", (since,))]
+        with self._db.connection() as conn, conn.transaction():
             if conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,)).fetchone() is None:
                 raise BatchNotFound(batch_id)
             rows = conn.execute(
@@ -632,7 +367,7 @@ class PostgresStore(Store):
         return [row[0] for row in rows]
 
     def latest_listed(self, count: int) -> list[str]:
-        return [row[0] for row in self._read(
+        return [row[0] for row in self._db.read(
             "SELECT id FROM coins WHERE status = 'done' OR refreshing ORDER BY task_run DESC LIMIT %s", (count,))]
 
     def _index_answer(self, key: str | None, read: Callable[[], object]):
@@ -650,36 +385,36 @@ class PostgresStore(Store):
         return answers[key]
 
     def exchanges(self) -> list[tuple[str, int]]:
-        return self._index_answer(None, lambda: sorted(self._read(
+        return self._index_answer(None, lambda: sorted(self._db.read(
             "SELECT exchange, count(*) FROM coins, unnest(exchanges) AS exchange"
             " WHERE status = 'done' OR refreshing GROUP BY exchange")))
 
     def exchange(self, exchange_id: str) -> list[str] | None:
-        return self._index_answer(exchange_id, lambda: [row[0] for row in self._read(
+        return self._index_answer(exchange_id, lambda: [row[0] for row in self._db.read(
             "SELECT id FROM coins WHERE exchanges @> ARRAY[%s] AND (status = 'done' OR refreshing)"
             " ORDER BY task_run", (exchange_id,))] or None)
 
     def generation(self) -> int:
-        return self._one("SELECT generation FROM state")[0]
+        return self._db.one("SELECT generation FROM state")[0]
 
     def listing_version(self) -> int:
-        return self._one("SELECT version FROM state")[0]
+        return self._db.one("SELECT version FROM state")[0]
 
     def listing_scope(self) -> str:
         """The database's own (read at open): every process on it gives a version the same ETag."""
         return self._scope
 
     def status_counts(self) -> dict[str, int]:
-        counts = dict(self._read("SELECT status, n FROM status_counts"))
+        counts = dict(self._db.read("SELECT status, n FROM status_counts"))
         return {status: counts[status] for status in STATUSES}
 
     def queued_up_to(self, task_run: int) -> int:
-        return self._one("SELECT count(*) FROM coins WHERE status = 'queued' AND task_run <= %s", (task_run,))[0]
+        return self._db.one("SELECT count(*) FROM coins WHERE status = 'queued' AND task_run <= %s", (task_run,))[0]
 
     def _summaries(self, where: str = "", params: Sequence = ()) -> list[BatchSummary]:
         """Batches with the counts kept in their rows, their running coins (a handful) counted, and for
         those with coins queued, the last one's taskRun (for the ETA): one step down an index."""
-        rows = self._read(
+        rows = self._db.read(
             # MATERIALIZED: from the running coins to their batches, never a batch's entries to their coins
             "WITH r AS MATERIALIZED (SELECT e.batch_id, count(*) AS n FROM coins c JOIN batch_entries e"
             f"  ON e.coin_id = c.id AND e.kind = '{COIN}' WHERE c.status = '{RUNNING}' GROUP BY e.batch_id)"
@@ -732,7 +467,7 @@ class PostgresStore(Store):
             conn.execute("UPDATE state SET version = version + 1")
             return [row[0] for row in cancelled]
 
-        return self._write(work)
+        return self._db.write(work)
 
     def clear(self) -> int:
         def work(conn: psycopg.Connection) -> int:
@@ -744,11 +479,11 @@ class PostgresStore(Store):
             conn.execute("UPDATE status_counts SET n = 0")
             return int(dropped)
 
-        return self._write(work)
+        return self._db.write(work)
 
     def close(self) -> None:
         self._stop.set()
-        self._pool.close()
+        self._db.close()
 
 
 class _StaleClaim(Exception):
@@ -778,90 +513,3 @@ def _record(row: tuple) -> CoinRecord:
     coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing = row
     return CoinRecord(coin_id, task_run, status, tuple(exchanges) if exchanges is not None else None,
                       error, fetched_at, tickers, total, complete, refreshing)
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of a driver error: enough to act on, nothing from the URL."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-class SharedCredits(Credits):
-    """The month's credits counted in the database, so that every process together keeps to the limit.
-
-    With a limit, a call's credit is taken there before the call (one statement that checks and
-    counts) and a call without a 200 gives it back. Without one the count only informs, so 200s
-    are written together, at most ``FLUSH_SECONDS`` apart (one statement a call was a fifth of a
-    worker's time at an unlimited upstream); a process killed meanwhile leaves those uncounted."""
-
-    FLUSH_SECONDS = 1.0
-
-    def __init__(self, limit: int | None, store: PostgresStore, clock: Callable[[], float] = time.time) -> None:
-        super().__init__(limit, ledger=store, clock=clock)
-        self._store = store
-        self._counted_early = threading.local()
-        self._pending = 0
-        self._flushed_at = clock()
-
-    def _month_and_limit(self) -> tuple[str, int | None]:
-        with self._lock:
-            self._roll_month()
-            return self._month, self.limit
-
-    def reserve(self) -> bool:
-        month, limit = self._month_and_limit()
-        self._counted_early.month = month if limit is not None else None
-        return limit is None or self._store.reserve_credit(month, limit)
-
-    def settle(self, spent: bool) -> None:
-        month = getattr(self._counted_early, "month", None)
-        if month is not None and not spent:
-            self._store.add_credits(month, -1)
-        elif month is None and spent:
-            with self._lock:
-                self._pending += 1
-                due = self._clock() - self._flushed_at >= self.FLUSH_SECONDS
-            if due:
-                self.flush()
-
-    def flush(self) -> None:
-        """Write the 200s counted here and not yet in the database."""
-        with self._lock:
-            month, pending, self._pending, self._flushed_at = self._month, self._pending, 0, self._clock()
-            self._roll_month()
-        if pending:
-            self._store.add_credits(month, pending)
-
-    def allow(self, remaining: int) -> None:
-        with self._lock:
-            self._roll_month()
-            self.limit = self._store.credits_used(self._month) + remaining
-
-    def state(self) -> dict:
-        self.flush()
-        with self._lock:
-            self._roll_month()
-            self._used = self._store.credits_used(self._month)
-        return super().state()
-
-
-class PostgresSlots:
-    """Call slots, 429 pauses and their count in one row, timed by the database's clock, so that every
-    process on the database together keeps to one rate limit."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        self._store = store
-
-    def take(self, interval: float) -> tuple[float, float, int]:
-        return self._store._execute(
-            f"UPDATE pacing SET next_slot = GREATEST(t.now, next_slot, paused_until) + %(interval)s"
-            f" FROM (SELECT {NOW} AS now) t RETURNING next_slot - %(interval)s, t.now, pauses",
-            {"interval": interval},
-        ).fetchone()
-
-    def pause(self, seconds: float) -> None:
-        self._store._execute(
-            f"UPDATE pacing SET paused_until = GREATEST(paused_until, {NOW} + %s), pauses = pauses + 1", (seconds,))
-
-    def pause_state(self) -> tuple[float, float, int]:
-        return self._store._one(f"SELECT {NOW}, paused_until, pauses FROM pacing")
-

@@ -17,7 +17,8 @@ from coingecko_client import SPACING_MARGIN, RateLimiter
 from config import Config
 from credits import month_of
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
-from stores.postgres import PostgresStore, display_url
+from stores.postgres import PostgresStore
+from stores.postgres_connector import display_url
 from support import eventually, fast_client, in_threads
 from worker import Worker
 
@@ -227,7 +228,7 @@ def test_batch_counts_written_before_they_were_kept_are_counted_by_the_migration
     filled in once, when a newer process opens it."""
     import psycopg
 
-    from stores import postgres as postgres_store
+    from stores import postgres_connector as postgres_store
 
     monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 1)
     PostgresStore(postgres_url).close()
@@ -259,12 +260,12 @@ def test_a_schema_2_database_moves_to_the_listing_sequence_and_entries_without_a
     goes on numbering its batches' entries, listing what changed, and deleting a batch's entries."""
     import psycopg
 
-    from stores import postgres as postgres_store
+    from stores import postgres_connector as postgres_store
 
     monkeypatch.setattr(postgres_store, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(postgres_store, "MIGRATIONS", postgres_store.MIGRATIONS[:2])
     old = PostgresStore(postgres_url)
-    batch = old._write(lambda conn: _submit_as_schema_2(conn))
+    batch = old._db.write(lambda conn: _submit_as_schema_2(conn))
     old.close()
     monkeypatch.undo()
 
@@ -305,7 +306,7 @@ def test_the_service_s_sessions_run_without_jit(postgres_url):
     and a pooled connection's first one 3.6 s (loading LLVM)."""
     store = PostgresStore(postgres_url)
     try:
-        assert store._one("SHOW jit")[0] == "off"
-        assert store._one("SHOW search_path")[0] == "coin_retriever"
+        assert store._db.one("SHOW jit")[0] == "off"
+        assert store._db.one("SHOW search_path")[0] == "coin_retriever"
     finally:
         store.close()

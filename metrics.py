@@ -79,13 +79,14 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         svc = self._services
         counts = svc.store.status_counts()
+        upstream = svc.worker.upstream()
         coins = GaugeMetricFamily("coin_retriever_coins", "Coins by status.", labels=["status"])
         for status in STATUSES:
             coins.add_metric([status], counts[status])
         yield coins
         yield GaugeMetricFamily("coin_retriever_queue_length", "Coins waiting to be retrieved.", counts["queued"])
         yield GaugeMetricFamily("coin_retriever_rate_limit_per_minute", "Upstream calls a minute the service keeps to.",
-                                svc.worker.client.limiter.per_minute)
+                                upstream["per_minute"])
         state = svc.worker.state()
         yield GaugeMetricFamily("coin_retriever_worker_paused",
                                 "1 while the worker waits (a refused key, an outage, spent credits, a store that "
@@ -96,4 +97,4 @@ class _StateCollector(Collector):
             kinds.add_metric([kind], state["seconds"] if state.get("pause") == kind else 0.0)
         yield kinds
         yield GaugeMetricFamily("coin_retriever_credits_used", "Upstream credits used this month (UTC).",
-                                svc.worker.client.credits.state()["used"])
+                                upstream["credits"]["used"])

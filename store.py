@@ -336,6 +336,23 @@ COUNT_KEYS = ("submitted", *STATUSES, "duplicates")
 MAX_TASK_RUN = 2**63 - 1
 
 
+class ListingSource(Protocol):
+    """What the listing cache (``web/listing.py``) asks of a store: the changes since its cursor and
+    the records they name. Every ``Store`` is one."""
+
+    def listing_scope(self) -> str: ...
+
+    def generation(self) -> int: ...
+
+    def listing_changes(self, cursor: int | None) -> tuple[list[int] | None, int]: ...
+
+    def listed_between(self, low: int, high: int) -> tuple[list[int], list[str]]: ...
+
+    def listed_ids(self, since: int = 0, batch_id: str | None = None) -> list[str]: ...
+
+    def records(self, coin_ids: Sequence[str]) -> list[CoinRecord]: ...
+
+
 class Store(ABC):
     """The interface the app and the worker use; every method is thread-safe."""
 

@@ -160,6 +160,17 @@ class Worker:
         rate_pause = self.client.rate_pause()
         return None if rate_pause is None else ("rate_limit", rate_pause)
 
+    def upstream(self) -> dict:
+        """What the worker's client has spent and may spend: its call counts (``calls``), the rate limit
+        it keeps to (``per_minute``) and the month's credits (``credits``)."""
+        return {"calls": self.client.stats(), "per_minute": self.client.limiter.per_minute,
+                "credits": self.client.credits.state()}
+
+    def watch_calls(self, on_call: Callable) -> None:
+        """Have ``on_call`` told of each upstream call, unless the client already reports to someone."""
+        if self.client.on_call is None:
+            self.client.on_call = on_call
+
     def state(self) -> dict:
         """The worker's state for /healthz and the status page; a pause says why, of what kind and until when."""
         pause = self.pause()

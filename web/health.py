@@ -15,13 +15,14 @@ def healthz():
     state = svc.worker.state()
     healthy = state["state"] == "running" or state.get("pause") == "rate_limit"
     counts = svc.store.status_counts()
+    upstream = svc.worker.upstream()
     body = {
         "status": "ok" if healthy else "unavailable",
         "worker": state,
         "queue": counts["queued"],
         "coins": counts,
-        "upstream": svc.worker.client.stats(),
-        "credits": svc.worker.client.credits.state(),
+        "upstream": upstream["calls"],
+        "credits": upstream["credits"],
         "generation": svc.store.generation(),
     }
     return jsonify(body), 200 if healthy else 503

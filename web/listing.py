@@ -20,7 +20,7 @@ import json
 import threading
 from collections.abc import Iterator
 
-from store import MAX_TASK_RUN, CoinRecord, Store
+from store import MAX_TASK_RUN, CoinRecord, ListingSource
 
 SEGMENT_RUNS = 1024
 NDJSON_CHUNK_BYTES = 1 << 16
@@ -85,7 +85,7 @@ class CoinListing:
     The store's own lock is taken only inside its calls, never around this one's.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: ListingSource) -> None:
         self._store = store
         self._lock = threading.Lock()
         self._reset(None)

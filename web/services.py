@@ -44,8 +44,7 @@ class Services:
         if self.listing is None:
             self.listing = CoinListing(self.store)
         self.metrics.watch(self)
-        if self.worker.client.on_call is None:
-            self.worker.client.on_call = self.metrics.upstream_call
+        self.worker.watch_calls(self.metrics.upstream_call)
 
     def shutdown(self, timeout: float = 3.0) -> None:
         """Stop taking coins, put the ones in flight back in the queue, and close the store."""

@@ -23,15 +23,16 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 def status_page():
     svc = services()
     batches = [batch_view(summary, svc) for summary in svc.store.batches()]
+    upstream = svc.worker.upstream()
     latest = [svc.store.record(coin_id) for coin_id in svc.store.latest_listed(LATEST)]
     return render_template(
         "status.html",
         batches=batches,
         worker=svc.worker.state(),
         counts=svc.store.status_counts(),
-        upstream=svc.worker.client.stats(),
-        limit=svc.worker.client.limiter.per_minute,
-        credits=svc.worker.client.credits.state(),
+        upstream=upstream["calls"],
+        limit=upstream["per_minute"],
+        credits=upstream["credits"],
         latest=[record for record in latest if record is not None],
         last_task_run=max((record.task_run for record in latest if record is not None), default=0),
         generation=svc.store.generation(),

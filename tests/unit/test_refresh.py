@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from test_index import assert_index_matches_listing
+
 from store import DONE, QUEUED, Outcome
 from support import drain, fast_client
-from test_index import assert_index_matches_listing
 from worker import Worker
 
 

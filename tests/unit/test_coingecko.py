@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 
 import pytest
 import responses
+from test_client import API, FakeTime, make_client
 
 from coingecko_client import CreditsExhausted, Retrieval, UpstreamUnavailable
 from config import Config
 from credits import Credits, MemoryLedger, month_end
 from store import DONE, QUEUED
 from support import ScriptedClient
-from test_client import API, FakeTime, make_client
 from worker import Worker
 
 RATE_LIMIT_BODY = {"status": {"error_code": 429, "error_message": "You've exceeded the Rate Limit. Please visit "

@@ -9,10 +9,10 @@ import io
 import json
 
 import pytest
+from test_api import counted
 
 import web.listing as listing_module
 from store import COUNT_KEYS, BatchSummary, Outcome
-from test_api import counted
 from web.batch_listing import BatchListing
 from web.listing import CoinListing
 

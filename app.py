@@ -42,6 +42,8 @@ def create_app(
             pause_seconds=config.pause_seconds,
             cache_seconds=config.cache_seconds,
             refresh_after=config.refresh_after,
+            sweep_at=config.sweep_at,
+            sweep_verify=config.sweep_verify,
             setup=lambda: config.adopt_key(client),
         )
     app = Flask(__name__, static_folder=None)

@@ -332,6 +332,7 @@ class CoinGeckoClient:
         self._consecutive_429 = 0
         self._list_lock = threading.Lock()
         self._listed: frozenset[str] | None = None
+        self._listed_order: list[str] = []
         self._listed_at = -math.inf
         self._list_failed_at = -math.inf
 
@@ -569,6 +570,26 @@ class CoinGeckoClient:
                 exchanges = tuple(sorted({identifier for identifier, _, _ in seen}))
                 return Retrieval(exchanges, page, calls, frozenset(seen), total, consistent)
 
+    # -- exchanges ----------------------------------------------------------------------------
+
+    def exchange_ids(self) -> list[str]:
+        """Every exchange ``/exchanges/list`` names, in its order."""
+        body, _, _ = self._get("/exchanges/list")
+        if not isinstance(body, list):
+            raise CoinFetchError("the exchanges list is not a list")
+        return [item["id"] for item in body
+                if isinstance(item, dict) and isinstance(item.get("id"), str) and storable(item["id"])]
+
+    def exchange_page(self, exchange_id: str, page: int) -> tuple[list[tuple[Ticker, tuple[str, ...]]], int, int]:
+        """Page ``page`` of ``exchange_id``'s tickers (``order=base_target``, the order CoinGecko keeps
+        stable under its cache): each ticker's key and the coins it names, how many tickers the page
+        held (fewer than 100: the last page), and the calls it took. Raises CoinNotFound when the
+        exchange's tickers answer 404 (a derivatives venue)."""
+        path = f"/exchanges/{quote(exchange_id, safe='')}/tickers"
+        body, _, calls = self._get(path, {"page": page, "order": "base_target"})
+        tickers = _tickers_of(body)
+        return _exchange_ticker_keys(tickers, exchange_id), len(tickers), calls
+
     def read_key(self) -> dict | None:
         """A pro key's own account (``GET /key``: its plan, rate limit and credits), or None if unreadable."""
         try:
@@ -593,24 +614,41 @@ class CoinGeckoClient:
             if now - self._list_failed_at < self.list_ttl:
                 return None
             try:
-                body, _, _ = self._get("/coins/list")
-            except CoinNotFound as exc:
-                raise UpstreamUnavailable(
-                    f"{self.base_url}/coins/list answered 404: COINGECKO_API_URL must end in /api/v3"
-                ) from exc
+                self._read_list(now)
             except CoinFetchError as exc:
-                self._list_failed_at = now
                 log.warning("coins/list could not be fetched (%s); relying on tickers 404s for now", exc)
                 return None
-            if not isinstance(body, list):
-                self._list_failed_at = now
-                return None
-            self._listed = frozenset(
-                item["id"] for item in body if isinstance(item, dict) and isinstance(item.get("id"), str)
-            )
-            self._listed_at = self._clock()
-            log.info("coins/list: %d coins", len(self._listed))
             return coin_id in self._listed
+
+    def listed_ids(self) -> list[str]:
+        """Every coin ID of CoinGecko's coins/list, in its order (the cached copy while it is fresh).
+        Raises CoinFetchError (or UpstreamUnavailable) when the list cannot be had."""
+        with self._list_lock:
+            now = self._clock()
+            if self._listed is None or now - self._listed_at >= self.list_ttl:
+                self._read_list(now)
+            return list(self._listed_order)
+
+    def _read_list(self, now: float) -> None:
+        """Fetch coins/list into the cache (the list lock is held)."""
+        try:
+            body, _, _ = self._get("/coins/list")
+        except CoinNotFound as exc:
+            raise UpstreamUnavailable(
+                f"{self.base_url}/coins/list answered 404: COINGECKO_API_URL must end in /api/v3"
+            ) from exc
+        except CoinFetchError:
+            self._list_failed_at = now
+            raise
+        if not isinstance(body, list):
+            self._list_failed_at = now
+            raise CoinFetchError("coins/list is not a list")
+        self._listed_order = list(dict.fromkeys(
+            item["id"] for item in body if isinstance(item, dict) and isinstance(item.get("id"), str)
+        ))
+        self._listed = frozenset(self._listed_order)
+        self._listed_at = self._clock()
+        log.info("coins/list: %d coins", len(self._listed))
 
 
 def _tickers_of(body: object) -> list:
@@ -649,6 +687,27 @@ def _ticker_keys(tickers: list, coin_id: str = "") -> list[Ticker]:
         base, target = ticker.get("base"), ticker.get("target")
         found.append((identifier, _escaped(base) if isinstance(base, str) else None,
                       _escaped(target) if isinstance(target, str) else None))
+    return found
+
+
+def _exchange_ticker_keys(tickers: list, exchange_id: str) -> list[tuple[Ticker, tuple[str, ...]]]:
+    """Each ticker of an exchange's page: what identifies it (the exchange, its ``coin_id`` or base, its
+    ``target_coin_id`` or target: two coins sharing a symbol are two tickers) and the coins it names."""
+    found = []
+    for ticker in tickers:
+        if not isinstance(ticker, dict):
+            continue
+        market = ticker.get("market")
+        identifier = market.get("identifier") if isinstance(market, dict) else None
+        identifier = identifier if isinstance(identifier, str) and identifier else exchange_id
+        base_id, target_id = ticker.get("coin_id"), ticker.get("target_coin_id")
+        named = tuple(coin_id for coin_id in (base_id, target_id)
+                      if isinstance(coin_id, str) and coin_id and storable(coin_id))
+        base = base_id if isinstance(base_id, str) and base_id else ticker.get("base")
+        target = target_id if isinstance(target_id, str) and target_id else ticker.get("target")
+        key = (_escaped(identifier), _escaped(base) if isinstance(base, str) else None,
+               _escaped(target) if isinstance(target, str) else None)
+        found.append((key, tuple(dict.fromkeys(named))))
     return found
 
 

@@ -57,6 +57,8 @@ class Config:
     rate_limit_given: bool = False
     refresh_after: float | None = None
     lease_seconds: float = 30.0
+    sweep_at: int | None = None
+    sweep_verify: int = 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -97,6 +99,8 @@ class Config:
             rate_limit_given=text("COINGECKO_RATE_LIMIT") is not None,
             refresh_after=_duration("REFRESH_AFTER", text("REFRESH_AFTER")),
             lease_seconds=_number(env, "COINS_LEASE_SECONDS", float, cls.lease_seconds, 1, 3600),
+            sweep_at=_number(env, "COINS_SWEEP_AT", int, None, 0, 10**9),
+            sweep_verify=_number(env, "COINS_SWEEP_VERIFY", int, cls.sweep_verify, 0, 10**6),
         )
 
     @property
@@ -153,7 +157,7 @@ def _number(env: Mapping[str, str], name: str, kind: type, default, low, high):
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a {kind.__name__}, not {raw[:40]!r}") from None
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, not {raw[:40]!r}") from None
     if not math.isfinite(value) or not low <= value <= high:
         raise ConfigError(f"{name} must be a finite number from {low:g} to {high:g}, not {raw[:40]!r}")
     return value

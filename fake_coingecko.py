@@ -1,7 +1,8 @@
 """A CoinGecko look-alike for tests, demos and the benchmark: ``python -m fake_coingecko --port 8900``.
 
-It serves ``/api/v3/coins/list`` and ``/api/v3/coins/{id}/tickers`` in CoinGecko's
-shape from a deterministic data set, and can be made as unkind as the real one:
+It serves ``/api/v3/coins/list``, ``/api/v3/coins/{id}/tickers``, ``/api/v3/exchanges/list`` and
+``/api/v3/exchanges/{id}/tickers`` in CoinGecko's shape from one deterministic market (each ticker on
+its coin's pages and on its exchange's), and can be made as unkind as the real one:
 a per-minute limit answering 429 (JSON with or without Retry-After, or a
 Cloudflare-style HTML page), injected faults (500/502/503, HTML error pages,
 dropped connections, truncated bodies, answers slower than the client waits),
@@ -30,6 +31,8 @@ log = logging.getLogger("fake_coingecko")
 
 PER_PAGE = 100
 EXCHANGE_POOL = 250
+EMPTY_EXCHANGES = ("empty-exchange-1", "empty-exchange-2")  # listed, with no tickers
+DERIVATIVES_VENUE = "derivatives-venue"  # listed, its tickers answer 404 here
 FAULT_KINDS = ("500", "502", "503", "html", "drop", "truncate", "slow", "badjson")
 RETRY_AFTER_MODES = ("json", "none", "html")
 
@@ -53,13 +56,21 @@ SPECIAL_COINS = {
 class FakeData:
     """A deterministic universe of coins: ``coins`` generated ones plus the special ones."""
 
-    def __init__(self, coins: int = 200, extra: dict[str, int] | None = None, hub_every: int = 0) -> None:
+    def __init__(self, coins: int = 200, extra: dict[str, int] | None = None, hub_every: int = 0,
+                 exchanges: int = EXCHANGE_POOL, market: bool = False) -> None:
         """``hub_every=n``: the first ticker of every n-th generated coin is on one exchange, ``hub``, so
-        that one exchange carries thousands of coins (as Binance does)."""
+        that one exchange carries thousands of coins (as Binance does). ``exchanges``: how many
+        exchanges the tickers are spread over (the list has a few more, with no tickers or none served).
+        ``market``: generated coins shaped as the real market is, most with a handful of tickers and one in
+        a hundred with hundreds (the default shape gives every coin dozens, to exercise paging)."""
+        self.pool = exchanges
+        self._markets: dict[float, dict[str, list[tuple[str, int]]]] = {}
+        self._markets_lock = threading.Lock()
+        self._exchange_list: list[dict] | None = None
         self.ticker_counts = dict(SPECIAL_COINS) | (extra or {})
         self.hub_coins = {f"coin-{i:05d}" for i in range(hub_every, coins + 1, hub_every)} if hub_every else set()
         for i in range(1, coins + 1):
-            self.ticker_counts[f"coin-{i:05d}"] = _generated_ticker_count(i)
+            self.ticker_counts[f"coin-{i:05d}"] = _market_ticker_count(i) if market else _generated_ticker_count(i)
         self._list_body = json.dumps(
             [{"id": coin_id, "symbol": coin_id[:4], "name": coin_id.title()} for coin_id in self.ticker_counts]
         ).encode()
@@ -75,10 +86,55 @@ class FakeData:
         offset = int(hashlib.sha256(coin_id.encode()).hexdigest()[:8], 16)
         count = self.ticker_counts[coin_id]
         first, last = (0, count) if page is None else ((page - 1) * PER_PAGE, min(count, page * PER_PAGE))
-        tickers = [_ticker(coin_id, offset, j) for j in range(first, last)]
-        if first == 0 and tickers and coin_id in self.hub_coins:
-            tickers[0]["market"] = {"name": "Hub", "identifier": "hub", "has_trading_incentive": False}
-        return tickers
+        return [self._one_ticker(coin_id, j, offset) for j in range(first, last)]
+
+    def _one_ticker(self, coin_id: str, j: int, offset: int | None = None) -> dict:
+        if offset is None:
+            offset = int(hashlib.sha256(coin_id.encode()).hexdigest()[:8], 16)
+        ticker = _ticker(coin_id, offset, j, self.pool)
+        if j == 0 and coin_id in self.hub_coins:
+            ticker["market"] = {"name": "Hub", "identifier": "hub", "has_trading_incentive": False}
+        return ticker
+
+    # -- the exchanges' side of the same market --------------------------------------------------
+
+    def exchange_list(self) -> list[dict]:
+        """``/exchanges/list``: every exchange a ticker is on, and, as the real list has, exchanges with
+        no tickers and a derivatives venue whose tickers are served elsewhere (404)."""
+        if self._exchange_list is None:
+            ids = [f"exchange-{i:03d}" for i in range(self.pool)] + list(EMPTY_EXCHANGES) + [DERIVATIVES_VENUE]
+            if self.hub_coins:
+                ids.append("hub")
+            self._exchange_list = [{"id": exchange_id, "name": exchange_id.replace("-", " ").title()}
+                                   for exchange_id in sorted(ids)]
+        return self._exchange_list
+
+    def market(self, disagree: float = 0.0) -> dict[str, list[tuple[str, int]]]:
+        """Every exchange's tickers as (coin, ticker number), ordered by base and target (``base_target``).
+
+        ``disagree``: the share of coins whose tickers are left off their exchanges' pages, so that the
+        exchange side and the coin side tell different stories for those coins."""
+        with self._markets_lock:
+            built = self._markets.get(disagree)
+            if built is None:
+                built = self._markets[disagree] = self._build_market(disagree)
+            return built
+
+    def _build_market(self, disagree: float) -> dict[str, list[tuple[str, int]]]:
+        keyed: dict[str, list[tuple[str, str, str, int]]] = {}
+        for coin_id, count in self.ticker_counts.items():
+            if disagree and _share(coin_id) < disagree:
+                continue
+            offset = int(hashlib.sha256(coin_id.encode()).hexdigest()[:8], 16)
+            for j in range(count):
+                exchange, base, target = _ticker_place(coin_id, offset, j, self.pool)
+                if j == 0 and coin_id in self.hub_coins:
+                    exchange = "hub"
+                keyed.setdefault(exchange, []).append((base, target, coin_id, j))
+        return {exchange: [(coin_id, j) for _, _, coin_id, j in sorted(rows)] for exchange, rows in keyed.items()}
+
+    def exchange_tickers(self, exchange_id: str, disagree: float = 0.0) -> list[dict]:
+        return [self._one_ticker(coin_id, j) for coin_id, j in self.market(disagree).get(exchange_id, [])]
 
     def exchanges(self, coin_id: str) -> list[str]:
         """The true answer for ``coin_id``: its tickers' unique market identifiers, sorted."""
@@ -101,22 +157,42 @@ QUOTES = ("USDT", "USD", "BTC", "EUR", "ETH", "USDC", "JPY", "BNB", "KRW", "FDUS
 FIAT = {"USD", "EUR", "JPY", "KRW", "TRY", "BRL", "GBP", "AUD", "INR", "IDR", "ZAR"}
 
 
-def _ticker(coin_id: str, offset: int, j: int) -> dict:
+def _market_ticker_count(i: int) -> int:
+    if i % 100 == 0:
+        return 150 + (i * 37) % 400
+    return (i * 7) % 12
+
+
+def _share(coin_id: str) -> float:
+    """Where ``coin_id`` falls in [0, 1), the same on every run."""
+    return int(hashlib.sha256(b"share:" + coin_id.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def _ticker_place(coin_id: str, offset: int, j: int, pool: int) -> tuple[str, str, str]:
+    """Ticker ``j``'s exchange, base and target (what ``_ticker`` builds around)."""
+    pair = j // 2
+    exchange = (offset + pair * 13) % pool
+    turn = j % 2 + 2 * (pair // pool)  # past the quotes, numbered ones: (exchange, base, target) stays unique
+    quote = QUOTES[turn % len(QUOTES)] + (str(turn // len(QUOTES)) if turn >= len(QUOTES) else "")
+    symbol = coin_id[:6].upper()
+    base, target = (quote, symbol) if j % 4 == 3 else (symbol, quote)
+    return f"exchange-{exchange:03d}", base, target
+
+
+def _ticker(coin_id: str, offset: int, j: int, pool: int = EXCHANGE_POOL) -> dict:
     """Ticker ``j`` of a coin, shaped as CoinGecko's: (market, base, target) is unique within the coin.
 
     Two tickers in a row share an exchange, as BTC/USDT and BTC/USD do on one; every fourth is
     one where the coin is the target; fiat targets have no ``target_coin_id``; some URLs are null.
     """
-    pair = j // 2
-    exchange = (offset + pair * 13) % EXCHANGE_POOL
-    quote = QUOTES[(j % 2 + 2 * (pair // EXCHANGE_POOL)) % len(QUOTES)]
+    exchange_id, base, target = _ticker_place(coin_id, offset, j, pool)
     symbol = coin_id[:6].upper()
+    quote = base if j % 4 == 3 else target
     target_side = j % 4 == 3
-    base, target = (quote, symbol) if target_side else (symbol, quote)
     ticker = {
         "base": base,
         "target": target,
-        "market": {"name": f"Exchange {exchange}", "identifier": f"exchange-{exchange:03d}",
+        "market": {"name": exchange_id.replace("-", " ").title(), "identifier": exchange_id,
                    "has_trading_incentive": False},
         "last": 1.0 + j,
         "volume": 1000.0 + j,
@@ -129,7 +205,7 @@ def _ticker(coin_id: str, offset: int, j: int) -> dict:
         "last_fetch_at": "2026-11-29T05:01:00+00:00",
         "is_anomaly": False,
         "is_stale": False,
-        "trade_url": None if j % 5 == 0 else f"https://exchange-{exchange:03d}.example/trade/{base}_{target}",
+        "trade_url": None if j % 5 == 0 else f"https://{exchange_id}.example/trade/{base}_{target}",
         "token_info_url": None,
         "coin_id": quote.lower() if target_side else coin_id,
     }
@@ -160,6 +236,7 @@ class FakeOptions:
     pro_keys: list[str] = field(default_factory=list)
     key_rate_limit: int = 500
     key_monthly_credits: int = 500_000
+    disagree: float = 0.0  # the share of coins left off their exchanges' pages (the two sides then differ)
 
     def update(self, changes: dict) -> None:
         """Apply ``changes`` if every one is valid; otherwise raise ValueError and change nothing."""
@@ -186,22 +263,25 @@ class PageCache:
         self._pages: dict[tuple[str, int], tuple[float, list[dict]]] = {}
         self._order: dict[str, int] = {}
 
-    def page(self, data: FakeData, options: FakeOptions, coin_id: str, page: int) -> list[dict]:
+    def page(self, data: FakeData, options: FakeOptions, coin_id: str, page: int,
+             exchange: bool = False) -> list[dict]:
+        """Page ``page`` of a coin's tickers, or with ``exchange`` of the exchange ``coin_id``'s."""
         now = time.monotonic()
+        key = ("exchange:" if exchange else "") + coin_id
         with self.lock:
-            cached = self._pages.get((coin_id, page))
+            cached = self._pages.get((key, page))
             if cached is not None and cached[0] > now:
                 return cached[1]
-            version = self._order.get(coin_id, 0)
-            tickers = data.tickers(coin_id)
+            version = self._order.get(key, 0)
+            tickers = data.exchange_tickers(coin_id, options.disagree) if exchange else data.tickers(coin_id)
             turn = (version * 50) % len(tickers) if tickers else 0
             ordered = tickers[turn:] + tickers[:turn]
             served = ordered[(page - 1) * PER_PAGE: page * PER_PAGE]
             if options.cache_seconds > 0:
-                self._pages[(coin_id, page)] = (now + options.cache_seconds, served)
+                self._pages[(key, page)] = (now + options.cache_seconds, served)
             drifts = options.drift and (not options.drift_coins or coin_id in options.drift_coins)
             if page == 1 and drifts and version < options.drift:
-                self._order[coin_id] = version + 1
+                self._order[key] = version + 1
             return served
 
     def clear(self) -> None:
@@ -223,6 +303,8 @@ class FakeStats:
         self.statuses: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.page_successes: Counter[tuple[str, int]] = Counter()
+        self.exchange_pages: Counter[tuple[str, int]] = Counter()
+        self.exchange_calls = 0
         self.list_calls = 0
         self.ticker_calls = 0
         self.rate_limited = 0
@@ -246,6 +328,10 @@ class FakeStats:
                 "pages_fetched_twice": twice,
                 "coins_served": sorted({coin for coin, _ in self.page_successes}),
                 "peak_concurrency": self.peak_in_flight,
+                "exchange_calls": self.exchange_calls,
+                "exchange_pages_served": sum(self.exchange_pages.values()),
+                "exchange_pages_fetched_twice": sorted(f"{exchange}:{page}" for (exchange, page), n
+                                                       in self.exchange_pages.items() if n > 1),
                 "times": list(self.times),
             }
 
@@ -450,6 +536,15 @@ class _FakeHandler(BaseHTTPRequestHandler):
             with fake.stats.lock:
                 fake.stats.ticker_calls += 1
             self._tickers(unquote(parts[4]), query, pro)
+        elif path == "/api/v3/exchanges/list":
+            with fake.stats.lock:
+                fake.stats.exchange_calls += 1
+            if not self._fault(None):
+                self._json(200, fake.data.exchange_list())
+        elif len(parts) == 6 and parts[:4] == ["", "api", "v3", "exchanges"] and parts[5] == "tickers":
+            with fake.stats.lock:
+                fake.stats.exchange_calls += 1
+            self._exchange_tickers(unquote(parts[4]), query)
         else:
             self._json(404, {"error": "Not Found"})
 
@@ -560,6 +655,26 @@ class _FakeHandler(BaseHTTPRequestHandler):
         with fake.stats.lock:
             fake.stats.page_successes[(coin_id, page)] += 1
         self._json(200, {"name": coin_id.title(), "tickers": tickers}, headers)
+
+
+    def _exchange_tickers(self, exchange_id: str, query: dict[str, list[str]]) -> None:
+        """``/exchanges/{id}/tickers?page=N``: 100 a page in ``base_target`` order, no total header (as
+        CoinGecko's); a venue listed but not served here answers 404, as derivatives venues do."""
+        fake = self.fake
+        listed = any(item["id"] == exchange_id for item in fake.data.exchange_list())
+        if not listed or exchange_id == DERIVATIVES_VENUE:
+            self._json(404, {"error": "exchange not found"})
+            return
+        try:
+            page = max(1, int(query.get("page", ["1"])[0]))
+        except ValueError:
+            page = 1
+        if self._fault((exchange_id, page)):
+            return
+        tickers = fake.pages.page(fake.data, fake.options, exchange_id, page, exchange=True)
+        with fake.stats.lock:
+            fake.stats.exchange_pages[(exchange_id, page)] += 1
+        self._json(200, {"name": exchange_id.replace("-", " ").title(), "tickers": tickers})
 
 
 def main(argv: list[str] | None = None) -> None:

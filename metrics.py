@@ -96,5 +96,18 @@ class _StateCollector(Collector):
         for kind in PAUSE_KINDS:
             kinds.add_metric([kind], state["seconds"] if state.get("pause") == kind else 0.0)
         yield kinds
+        sweep = svc.worker.sweep_state() or {}
+        yield GaugeMetricFamily("coin_retriever_sweep_running", "1 while a sweep through the exchanges runs.",
+                                1 if sweep.get("running") else 0)
+        exchanges = GaugeMetricFamily("coin_retriever_sweep_exchanges", "The running sweep's exchanges, read and "
+                                      "listed.", labels=["state"])
+        exchanges.add_metric(["read"], sweep.get("done", 0) if sweep.get("running") else 0)
+        exchanges.add_metric(["listed"], sweep.get("total", 0) if sweep.get("running") else 0)
+        yield exchanges
+        verified = GaugeMetricFamily("coin_retriever_sweep_verified_coins", "The last sweep's sample, coins that "
+                                     "agreed with their own pages and coins that differed.", labels=["result"])
+        verified.add_metric(["agreed"], sweep.get("agreed", 0))
+        verified.add_metric(["differed"], len(sweep.get("differed", ())))
+        yield verified
         yield GaugeMetricFamily("coin_retriever_credits_used", "Upstream credits used this month (UTC).",
                                 upstream["credits"]["used"])

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, INVALID, FAILED = "queued", "running", "done", "invalid", "failed"
 STATUSES = (QUEUED, RUNNING, DONE, INVALID, FAILED)
+# Where a done record came from: its coin's own ticker pages, or a sweep through the exchanges.
+COINS_SOURCE, EXCHANGES_SOURCE = "coins", "exchanges"
 
 # What one entry of a batch is: a coin it owns, a repeat of a known coin, or a malformed ID.
 COIN, DUPLICATE, MALFORMED = "coin", "duplicate", "malformed"
@@ -65,6 +67,7 @@ class CoinRecord(NamedTuple):
     total: int | None = None
     complete: bool | None = None
     refreshing: bool = False
+    source: str | None = None  # a done coin's: None for its own pages ("coins"), or EXCHANGES_SOURCE
 
     @property
     def listed(self) -> bool:
@@ -94,12 +97,13 @@ class Outcome:
     tickers: int | None = None
     total: int | None = None
     complete: bool | None = None
+    source: str | None = None  # None: its own pages (COINS_SOURCE); EXCHANGES_SOURCE: a sweep
 
     @classmethod
     def done(cls, exchanges: Sequence[str], tickers: int | None = None, total: int | None = None,
-             complete: bool = True) -> Outcome:
+             complete: bool = True, source: str | None = None) -> Outcome:
         unique = tuple(sorted({sys.intern(name) for name in exchanges}))
-        return cls(DONE, unique, None, len(unique) if tickers is None else tickers, total, complete)
+        return cls(DONE, unique, None, len(unique) if tickers is None else tickers, total, complete, source)
 
     @classmethod
     def invalid(cls, reason: str) -> Outcome:
@@ -302,6 +306,16 @@ def plan_each_entry(
             add_entry(coin_id, record.task_run, DUPLICATE)
 
 
+@dataclass
+class SweepProgress:
+    """A sweep through the exchanges as a store keeps it while it runs: the exchanges listed when it
+    began, and each exchange's state as the sweeper last kept it (JSON: pages read, coins found)."""
+
+    started: float
+    exchanges: list[str]
+    states: dict[str, dict] = field(default_factory=dict)
+
+
 class BatchCounts(NamedTuple):
     counts: dict[str, int]
     last_queued_task_run: int | None
@@ -316,7 +330,7 @@ def finished_record(record: CoinRecord, outcome: Outcome, now: float) -> CoinRec
     if outcome.status != DONE:
         return CoinRecord(coin_id, task_run, outcome.status, error=outcome.error)
     return CoinRecord(coin_id, task_run, DONE, outcome.exchanges, None, now, outcome.tickers, outcome.total,
-                      outcome.complete)
+                      outcome.complete, False, outcome.source)
 
 
 def require_open(batch_id: str, closed: bool | None) -> None:
@@ -470,6 +484,31 @@ class Store(ABC):
 
         Returns the cancelled coins; raises BatchNotFound.
         """
+
+    @abstractmethod
+    def refresh_coins(self, coin_ids: Sequence[str]) -> int:
+        """Queue ``coin_ids`` that are done to be fetched again (each stays listed until it lands);
+        returns how many were queued."""
+
+    @abstractmethod
+    def begin_sweep(self, exchanges: list[str], started: float) -> None:
+        """Keep a new sweep's list of exchanges (replacing any sweep kept before)."""
+
+    @abstractmethod
+    def sweep_progress(self) -> SweepProgress | None:
+        """The sweep under way, as kept (after a restart too, where the store is durable); None if none."""
+
+    @abstractmethod
+    def keep_exchange_state(self, exchange_id: str, state: dict) -> None:
+        """Keep where the sweep stands with one exchange (a JSON object, replacing the one kept before)."""
+
+    @abstractmethod
+    def end_sweep(self, calls: int | None) -> None:
+        """Forget the sweep under way; ``calls``, if given, is kept as the last whole sweep's cost."""
+
+    @abstractmethod
+    def last_sweep_calls(self) -> int | None:
+        """The calls the last whole sweep took (what the next one is expected to cost), or None."""
 
     @abstractmethod
     def clear(self) -> int:

@@ -10,6 +10,7 @@ rate limiter.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from coingecko_client import (
 )
 from credits import iso
 from store import DONE, FAILED, Claim, Outcome, Store, StoreError
+from sweep import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ class Worker:
         pause_seconds: float = 15.0,
         cache_seconds: float = 120.0,
         refresh_after: float | None = None,
+        sweep_at: int | None = None,
+        sweep_verify: int = 20,
+        sweep_rng: random.Random | None = None,
         progress_interval: float = 30.0,
         setup: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -92,6 +97,11 @@ class Worker:
         self._calls_for_finished = 0
         self._in_flight_lock = threading.Lock()
         self._in_flight: dict[int, Claim] = {}
+        self.sweeper = None if sweep_at == 0 else Sweeper(
+            store, client, sweep_at=sweep_at, verify=sweep_verify, cache_seconds=cache_seconds,
+            pause=lambda reason, seconds, kind: self._pause(reason, seconds, kind),
+            paused=lambda: self.pause() is not None, progress_interval=progress_interval, clock=clock,
+            wall_clock=wall_clock, rng=sweep_rng)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -101,6 +111,8 @@ class Worker:
             for i in range(self.concurrency)
         ]
         self._threads.append(threading.Thread(target=self._report_progress, name="coin-progress", daemon=True))
+        if self.sweeper is not None:
+            self._threads.append(threading.Thread(target=self._sweep, name="coin-sweep", daemon=True))
         for thread in self._threads:
             thread.start()
         log.info("worker started: %d thread(s)", self.concurrency)
@@ -108,6 +120,8 @@ class Worker:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking coins; a coin still in flight after ``timeout`` is put back in the queue."""
         self._stop.set()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.client.close()
         with self._wake:
             self._wake.notify_all()
@@ -126,6 +140,8 @@ class Worker:
         with self._wake:
             self._signals += 1
             self._wake.notify_all()
+        if self.sweeper is not None:
+            self.sweeper.notify()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every thread has found the queue empty since the last ``notify``."""
@@ -166,6 +182,10 @@ class Worker:
         return {"calls": self.client.stats(), "per_minute": self.client.limiter.per_minute,
                 "credits": self.client.credits.state()}
 
+    def listed_coins(self) -> list[str]:
+        """Every coin ID of CoinGecko's list, in its order (one call, or none while the cached copy is fresh)."""
+        return self.client.listed_ids()
+
     def watch_calls(self, on_call: Callable) -> None:
         """Have ``on_call`` told of each upstream call, unless the client already reports to someone."""
         if self.client.on_call is None:
@@ -186,6 +206,10 @@ class Worker:
             state.update(reason=reason, pause=kind, until=iso(datetime.fromtimestamp(until, UTC)),
                          seconds=round(max(0.0, until - self._wall_clock()), 1))
         return state
+
+    def sweep_state(self) -> dict | None:
+        """The sweep under way, or the last one's verification (see ``Sweeper.state``); None before any."""
+        return None if self.sweeper is None else self.sweeper.state()
 
     def calls_per_coin(self) -> float:
         with self._stats_lock:
@@ -220,6 +244,13 @@ class Worker:
                     return
                 log.exception("worker thread error; going on in a second")
                 self._stop.wait(1.0)
+
+    def _sweep(self) -> None:
+        """The sweep thread: once set up (the first thread's ``/key``), the sweeper's own loop."""
+        while not self._ready.wait(0.5):
+            if self._stop.is_set():
+                return
+        self.sweeper.run()
 
     def _set_up_or_wait(self, index: int) -> None:
         """The first thread runs the setup (a pro key's ``/key``) before any coin; the others wait for it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import os
@@ -24,6 +25,7 @@ from store import (
     CoinRecord,
     Outcome,
     SubmitResult,
+    SweepProgress,
     as_record,
     finished_record,
     new_batch_id,
@@ -101,6 +103,7 @@ class MemoryStore(TalliedStore):
         self._tokens = itertools.count(1)
         self._scope = os.urandom(4).hex()
         self._credits = MemoryLedger()
+        self._last_sweep_calls: int | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -114,6 +117,7 @@ class MemoryStore(TalliedStore):
         self._first_pass: dict[str, frozenset] = {}
         self._batches: dict[str, _MemoryBatch] = {}
         self._exchange_lists = SharedTuples()
+        self._sweep: SweepProgress | None = None
         self._next_task_run = 1
         self._generation += 1
         self._version += 1
@@ -342,6 +346,39 @@ class MemoryStore(TalliedStore):
         self._queue = RunQueue([(self._coins[coin_id].task_run, coin_id) for coin_id in queued - waiting])
         heapq.heapify(self._deferred)
         self._stale_in_queue = 0
+
+    def refresh_coins(self, coin_ids: Sequence[str]) -> int:
+        with self._lock:
+            due = [record for record in self._coins.records(coin_ids)
+                   if record.status == DONE and not record.refreshing]
+            for record in due:
+                self._queue_refresh(record)
+            return len(due)
+
+    # -- the sweep: kept for this process only --------------------------------------------------
+
+    def begin_sweep(self, exchanges: list[str], started: float) -> None:
+        with self._lock:
+            self._sweep = SweepProgress(started, list(exchanges))
+
+    def sweep_progress(self) -> SweepProgress | None:
+        with self._lock:
+            return None if self._sweep is None else copy.deepcopy(self._sweep)
+
+    def keep_exchange_state(self, exchange_id: str, state: dict) -> None:
+        with self._lock:
+            if self._sweep is not None:
+                self._sweep.states[exchange_id] = copy.deepcopy(state)
+
+    def end_sweep(self, calls: int | None) -> None:
+        with self._lock:
+            self._sweep = None
+            if calls is not None:
+                self._last_sweep_calls = calls
+
+    def last_sweep_calls(self) -> int | None:
+        with self._lock:
+            return self._last_sweep_calls
 
     def clear(self) -> int:
         with self._lock:

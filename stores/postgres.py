@@ -58,6 +58,7 @@ from store import (
 from stores.postgres_connector import PostgresConnector, error_line
 from stores.postgres_schema import BULK_COUNTED, ENDED
 from stores.postgres_shared import NOW, PostgresSlots, SharedCredits
+from stores.postgres_sweep import PostgresSweeps
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ EXCHANGES_CACHED = 256
 MALFORMED_CODE = KIND_CODES[MALFORMED]
 
 
-RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing"
+RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing, source"
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresSweeps, Store):
     """Records, batches, the queue and the shared allowance in PostgreSQL, for any number of processes."""
 
     shared = True
@@ -166,6 +167,12 @@ class PostgresStore(Store):
 
         return self._db.write(work)
 
+    def refresh_coins(self, coin_ids: Sequence[str]) -> int:
+        return self._db.execute(
+            "UPDATE coins SET status = %s, refreshing = TRUE, error = NULL"
+            " WHERE id = ANY(%s) AND status = %s AND NOT refreshing", (QUEUED, list(coin_ids), DONE),
+        ).rowcount
+
     def refresh_oldest(self, age: float) -> str | None:
         row = self._db.execute(
             "UPDATE coins SET status = %s, refreshing = TRUE, error = NULL WHERE id = ("
@@ -260,11 +267,11 @@ class PostgresStore(Store):
                 conn.execute(
                     "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
                     " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s,"
-                    " refreshing = FALSE,"
+                    " refreshing = FALSE, source = %s,"
                     " listed_seq = CASE WHEN %s THEN nextval('listing_changes') ELSE listed_seq END WHERE id = %s",
                     (record.status, list(record.exchanges) if record.exchanges is not None else None,
                      record.error, record.fetched_at, record.tickers, record.total, record.complete,
-                     outcome.status == DONE, claim.coin_id),
+                     record.source, outcome.status == DONE, claim.coin_id),
                 )
 
         try:
@@ -475,7 +482,7 @@ class PostgresStore(Store):
             dropped = conn.execute("SELECT COALESCE(sum(n), 0) FROM status_counts").fetchone()[0]
             # listing_changes goes on numbering: a new generation tells every process to read the listing again.
             conn.execute("UPDATE state SET next_task_run = 1, generation = generation + 1, version = version + 1")
-            conn.execute("TRUNCATE batch_entries, batches, coins")
+            conn.execute("TRUNCATE batch_entries, batches, coins, sweep_exchanges, sweep")
             conn.execute("UPDATE status_counts SET n = 0")
             return int(dropped)
 
@@ -510,6 +517,6 @@ def entry_rows(batch_id: str, first: int, entries: BatchEntries) -> str:
 
 
 def _record(row: tuple) -> CoinRecord:
-    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing = row
+    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing, source = row
     return CoinRecord(coin_id, task_run, status, tuple(exchanges) if exchanges is not None else None,
-                      error, fetched_at, tickers, total, complete, refreshing)
+                      error, fetched_at, tickers, total, complete, refreshing, source)

@@ -148,5 +148,17 @@ CREATE INDEX coins_by_exchange ON coins USING gin (exchanges) WHERE status = 'do
 DROP TRIGGER count_statuses_insert ON coins;
 DROP FUNCTION count_statuses_insert();
 """,
+    # A done record's source (NULL: its own pages, as before sweeps); a sweep under way, which any
+    # process on the database may take over when the one sweeping stops renewing its lease.
+    """
+ALTER TABLE coins ADD COLUMN source TEXT;
+CREATE TABLE sweep (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    started DOUBLE PRECISION NOT NULL,
+    exchanges JSONB NOT NULL
+);
+CREATE TABLE sweep_exchanges (exchange_id TEXT COLLATE "C" PRIMARY KEY, state JSONB NOT NULL, seq BIGSERIAL);
+CREATE TABLE sweep_history (id INTEGER PRIMARY KEY CHECK (id = 1), last_calls INTEGER);
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -40,6 +40,7 @@ from store import (
     plan_submission,
     require_open,
 )
+from stores.sqlite_sweep import SqliteSweeps
 from stores.tallies import TalliedStore, Tallies
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,18 @@ INSERT INTO batch_parts
     FROM batch_entries;
 DROP TABLE batch_entries;
 """,
+    # A done record's source (NULL: its own pages, as before sweeps); a sweep under way, for a restart.
+    """
+ALTER TABLE coins ADD COLUMN source TEXT;
+CREATE TABLE sweep (id INTEGER PRIMARY KEY CHECK (id = 1), started REAL NOT NULL, exchanges TEXT NOT NULL);
+CREATE TABLE sweep_exchanges (exchange_id TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE sweep_history (id INTEGER PRIMARY KEY CHECK (id = 1), last_calls INTEGER);
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SqliteStore(TalliedStore):
+class SqliteStore(SqliteSweeps, TalliedStore):
     """Everything in one SQLite file, every change in one transaction.
 
     One process owns the file: a second one is refused (an advisory lock on the database
@@ -354,10 +362,10 @@ class SqliteStore(TalliedStore):
             exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
             updated = conn.execute(
                 "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
-                " fetched_at = ?, tickers = ?, total = ?, complete = ?, refreshing = 0"
+                " fetched_at = ?, tickers = ?, total = ?, complete = ?, refreshing = 0, source = ?"
                 " WHERE id = ? AND status = ? AND claim = ?",
                 (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
-                 record.complete, claim.coin_id, RUNNING, claim.token),
+                 record.complete, record.source, claim.coin_id, RUNNING, claim.token),
             ).rowcount
             if updated:
                 self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, record.status)
@@ -368,6 +376,16 @@ class SqliteStore(TalliedStore):
                 elif record.status == DONE:
                     self._tallies.aged(record.task_run, record.fetched_at)
             return bool(updated)
+
+    def refresh_coins(self, coin_ids: Sequence[str]) -> int:
+        with self._lock, self._transaction() as conn:
+            due = [record for record in map(self._lookup, coin_ids)
+                   if record is not None and record.status == DONE and not record.refreshing]
+            conn.executemany("UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
+                             [(QUEUED, record.id) for record in due])
+            for record in due:
+                self._tallies.coin_changed(record.id, record.task_run, DONE, QUEUED)
+            return len(due)
 
     def refresh_oldest(self, age: float) -> str | None:
         with self._lock, self._transaction() as conn:
@@ -517,6 +535,8 @@ class SqliteStore(TalliedStore):
             dropped = conn.execute("DELETE FROM coins").rowcount
             conn.execute("DELETE FROM batch_parts")
             conn.execute("DELETE FROM batches")
+            conn.execute("DELETE FROM sweep_exchanges")
+            conn.execute("DELETE FROM sweep")
             conn.execute("UPDATE counters SET value = 1")
             self._tallies = Tallies()
             self._generation += 1
@@ -530,13 +550,14 @@ class SqliteStore(TalliedStore):
                 self._lock_file.close()
 
 
-RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing"
+RECORD_COLUMNS = "id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing, source"
 
 
 def _row_to_record(row: tuple) -> CoinRecord:
-    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing = row
+    coin_id, task_run, status, exchanges, error, fetched_at, tickers, total, complete, refreshing, source = row
     return CoinRecord(coin_id, task_run, status, tuple(json.loads(exchanges)) if exchanges is not None else None,
-                      error, fetched_at, tickers, total, None if complete is None else bool(complete), bool(refreshing))
+                      error, fetched_at, tickers, total, None if complete is None else bool(complete), bool(refreshing),
+                      source)
 
 
 def _lock_exclusively(path: str, wait: float):

@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, jsonify, request
 
 from coin_ids import normalized_id, stored_id
+from coingecko_client import CoinGeckoError
 from credits import iso
 from memory import release_freed_memory
 from store import (
+    COINS_SOURCE,
     DONE,
     MAX_TASK_RUN,
     BatchNotFound,
@@ -24,22 +26,55 @@ log = logging.getLogger(__name__)
 blueprint = Blueprint("coins", __name__)
 
 
+# An answer to {"all": true} past this many IDs gives counts in place of its lists.
+LONG_ANSWER = 1000
+
+
 @blueprint.post("/coins")
 def submit_coins():
     submission = parse_submission()
     svc = services()
-    result = svc.store.submit(submission.coin_ids, submission.batch, submission.last, submission.refresh)
-    answer = jsonify({
+    coin_ids = submission.coin_ids
+    if submission.all:
+        coin_ids = every_listed_coin(svc, coin_ids, submission.refresh)
+    result = svc.store.submit(coin_ids, submission.batch, submission.closes, submission.refresh)
+    body = {
         "batch": result.batch,
         "queued": result.queued,
         "duplicates": result.duplicates,
         "invalid": result.invalid,
         "taskRuns": result.task_runs,
-    })
+    }
+    if submission.all and len(coin_ids) > LONG_ANSWER:
+        body = summarized(body)
+    answer = jsonify(body)
     if result.queued:
         # Woken only now: its first steps (coins/list can be megabytes) share the interpreter with this thread.
         svc.worker.notify()
     return answer, 202, {"Location": f"/batches/{result.batch}"}
+
+
+def every_listed_coin(svc, coin_ids: list[str], refresh: bool) -> list[str]:
+    """``coin_ids`` and then every coin of CoinGecko's list, in its order: the ones the service does not
+    know yet, or with ``refresh`` all of them."""
+    try:
+        listed = svc.worker.listed_coins()
+    except CoinGeckoError as exc:
+        raise ApiError(503, f"CoinGecko's coin list could not be fetched ({exc}); nothing was queued, "
+                            "try again in a minute", {"Retry-After": "60"}) from None
+    wanted = list(dict.fromkeys([*coin_ids, *listed]))
+    if refresh:
+        return wanted
+    known = {record.id for record in svc.store.records(listed)}
+    return [coin_id for coin_id in wanted if coin_id not in known or coin_id in coin_ids]
+
+
+def summarized(body: dict) -> dict:
+    """A long submission's answer: how many of each in place of the lists, and the taskRuns' span."""
+    runs = body["taskRuns"].values()
+    return {"batch": body["batch"], "queued": len(body["queued"]), "duplicates": len(body["duplicates"]),
+            "invalid": len(body["invalid"]), "taskRuns": len(runs),
+            "firstTaskRun": min(runs, default=None), "lastTaskRun": max(runs, default=None)}
 
 
 FORMATS = {"json": "application/json", "csv": "text/csv", "ndjson": "application/x-ndjson"}
@@ -116,6 +151,7 @@ def coin_view(record: CoinRecord) -> dict:
         view["total"] = record.total
         view["complete"] = record.complete
         view["refreshing"] = record.refreshing
+        view["source"] = record.source or COINS_SOURCE
     if record.error is not None:
         view["error"] = record.error
     return view

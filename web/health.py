@@ -25,4 +25,7 @@ def healthz():
         "credits": upstream["credits"],
         "generation": svc.store.generation(),
     }
+    sweep = svc.worker.sweep_state()
+    if sweep is not None:
+        body["sweep"] = sweep
     return jsonify(body), 200 if healthy else 503

@@ -27,12 +27,22 @@ TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no", "")
 PLAIN_SEPARATORS = re.compile(r"[,\s]+")
 
 
+JSON_MEMBERS = ("coins", "batch", "last", "lastBatch", "refresh", "all")
+
+
 @dataclass
 class Submission:
     coin_ids: list[str]
     batch: str | None = None
-    last: bool = False
+    last: bool | None = None  # None: not said
     refresh: bool = False
+    all: bool = False  # every coin of CoinGecko's list
+
+    @property
+    def closes(self) -> bool:
+        """Whether the batch is closed after this request: when it says ``last``, and a new batch (one
+        the request does not name) unless it says ``"last": false``."""
+        return bool(self.last) if self.batch is not None or self.last is not None else True
 
 
 def parse_submission() -> Submission:
@@ -46,7 +56,8 @@ def parse_submission() -> Submission:
             "e.g. curl -H 'Content-Type: application/json' -d '{\"coins\": [\"bitcoin\"]}'",
         )
     text = _decode_body(_read_body())
-    submission = Submission([], query_batch(), query_flag("last") or query_flag("lastBatch"), query_flag("refresh"))
+    submission = Submission([], query_batch(), _either(query_flag("last"), query_flag("lastBatch")),
+                            bool(query_flag("refresh")))
     if mimetype == "text/csv":
         raw = _csv_ids(text)
     elif mimetype == "text/plain":
@@ -56,7 +67,7 @@ def parse_submission() -> Submission:
     coin_ids = normalized_ids(raw)
     if len(coin_ids) > MAX_ENTRIES:
         raise ApiError(413, f"{len(coin_ids)} entries: at most {MAX_ENTRIES} a request; split the list into batches")
-    if not coin_ids and submission.batch is None:
+    if not coin_ids and submission.batch is None and not submission.all:
         raise ApiError(400, "no coin IDs in the body: send at least one, e.g. {\"coins\": [\"bitcoin\"]}")
     submission.coin_ids = coin_ids
     return submission
@@ -136,10 +147,11 @@ def query_batch() -> str | None:
     return batch.strip() or None if batch is not None else None
 
 
-def query_flag(name: str) -> bool:
+def query_flag(name: str) -> bool | None:
+    """``?name=true`` or ``false``; None when the query does not say."""
     value = request.args.get(name)
     if value is None:
-        return False
+        return None
     value = value.strip().lower()
     if value not in TRUE_WORDS + FALSE_WORDS:
         raise ApiError(400, f"?{name}= takes true or false, not {value[:20]!r}")
@@ -159,15 +171,24 @@ def _json_ids(text: str, submission: Submission) -> list:
     except ValueError as exc:
         raise ApiError(400, f"malformed JSON ({exc}); send {{\"coins\": [\"bitcoin\", ...]}}") from None
     if isinstance(body, dict):
-        if "coins" not in body:
-            raise ApiError(400, "missing 'coins': send {\"coins\": [\"bitcoin\", ...]} or a bare array")
-        coins = body["coins"]
+        unknown = [name for name in body if name not in JSON_MEMBERS]
+        known = ", ".join(repr(name) for name in JSON_MEMBERS)
+        unknown_said = f"unknown member {unknown[0][:40]!r}: a JSON body takes {known}" if unknown else ""
+        submission.all = _json_flag(body, "all") is True
+        if "coins" not in body and not submission.all:
+            also = f"; {unknown_said}" if unknown else ""
+            raise ApiError(400, "missing 'coins': send {\"coins\": [\"bitcoin\", ...]} or a bare array "
+                                f"(or {{\"all\": true}} for every CoinGecko coin){also}")
+        if unknown:
+            raise ApiError(400, unknown_said)
+        coins = body.get("coins", [])
         if body.get("batch") is not None:
             if not isinstance(body["batch"], str) or not body["batch"].strip():
                 raise ApiError(400, "'batch' must be the batch id string from an earlier answer")
             submission.batch = body["batch"].strip()
-        submission.last = _json_flag(body, "last") or _json_flag(body, "lastBatch") or submission.last
-        submission.refresh = _json_flag(body, "refresh") or submission.refresh
+        said = _either(_json_flag(body, "last"), _json_flag(body, "lastBatch"))
+        submission.last = said if said is not None else submission.last
+        submission.refresh = bool(_json_flag(body, "refresh")) or submission.refresh
     elif isinstance(body, list):
         coins = body
     else:
@@ -180,11 +201,19 @@ def _json_ids(text: str, submission: Submission) -> list:
     return coins
 
 
-def _json_flag(body: dict, name: str) -> bool:
+def _json_flag(body: dict, name: str) -> bool | None:
+    """``body[name]`` as true or false; None when the body does not say (or says null)."""
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
         raise ApiError(400, f"'{name}' must be true or false")
-    return bool(value)
+    return value
+
+
+def _either(first: bool | None, second: bool | None) -> bool | None:
+    """Two names for one flag (``last``, ``lastBatch``): true if either says so, else what was said."""
+    if first or second:
+        return True
+    return first if first is not None else second
 
 
 def _json_type(value: object) -> str:

@@ -311,7 +311,7 @@ def test_get_one_coin_through_its_life(app, http, fake):
     fetched_at = view.pop("fetchedAt")
     assert view == {
         "id": "ethereum", "status": "done", "taskRun": 1, "exchanges": fake.data.exchanges("ethereum"),
-        "tickers": 101, "total": 101, "complete": True, "refreshing": False,
+        "tickers": 101, "total": 101, "complete": True, "refreshing": False, "source": "coins",
     }
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fetched_at)
     assert http.get("/coins/never").status_code == 404
@@ -322,7 +322,7 @@ def test_get_one_coin_through_its_life(app, http, fake):
 
 
 def test_batch_life_appending_and_closing(app, http):
-    batch = post_json(http, {"coins": ["bitcoin", "ethereum"]}).get_json()["batch"]
+    batch = post_json(http, {"coins": ["bitcoin", "ethereum"], "last": False}).get_json()["batch"]
     appended = http.post(f"/coins?batch={batch}", data="tether\nbitcoin", content_type="text/csv")
     assert appended.get_json()["batch"] == batch
     closed = post_json(http, {"coins": ["zero-tickers"], "batch": batch, "lastBatch": True})
@@ -346,10 +346,10 @@ def test_batch_life_appending_and_closing(app, http):
 
 
 def test_the_batch_listing_follows_every_change_to_a_settled_batch_and_reads_as_jsonify_wrote_it(app, http):
-    settled = post_json(http, ["bitcoin", "nope-coin"]).get_json()["batch"]
-    deleted = post_json(http, ["tether"]).get_json()["batch"]
+    settled = post_json(http, {"coins": ["bitcoin", "nope-coin"], "last": False}).get_json()["batch"]
+    deleted = post_json(http, {"coins": ["tether"], "last": False}).get_json()["batch"]
     drain(app)
-    busy = post_json(http, ["ethereum"]).get_json()["batch"]
+    busy = post_json(http, {"coins": ["ethereum"], "last": False}).get_json()["batch"]
     before = http.get("/batches").get_json()["batches"]
     assert [(b["batch"], b["done"], b["invalid"], b["queued"], b["closed"]) for b in before] == [
         (settled, 1, 1, 0, False), (deleted, 1, 0, 0, False), (busy, 0, 0, 1, False)]
@@ -364,7 +364,7 @@ def test_the_batch_listing_follows_every_change_to_a_settled_batch_and_reads_as_
     assert [(b["submitted"], b["duplicates"], b["closed"], b["complete"]) for b in views] == [
         (3, 1, True, True), (1, 0, False, False)]
 
-    refresh = post_json(http, ["bitcoin"], query_string={"refresh": "true"}).get_json()["batch"]
+    refresh = post_json(http, ["bitcoin"], query_string={"refresh": "true", "last": "false"}).get_json()["batch"]
     refreshing = http.get("/batches").get_json()["batches"]
     assert [(b["batch"], b["done"], b["queued"], b["complete"]) for b in refreshing] == [
         (settled, 0, 1, False), (busy, 0, 1, False), (refresh, 0, 1, False)]
@@ -429,7 +429,7 @@ def test_healthz(make_app):
 
 
 def test_three_posts_into_one_batch_count_right_at_every_step(app, http):
-    batch = post_json(http, {"coins": ["bitcoin", "ethereum", "bitcoin"]}).get_json()["batch"]
+    batch = post_json(http, {"coins": ["bitcoin", "ethereum", "bitcoin"], "last": False}).get_json()["batch"]
     post_json(http, {"coins": ["not-a-coin", "tether", "bad/id"], "batch": batch})
     post_json(http, {"coins": ["ethereum", "zero-tickers"], "batch": batch, "last": True})
     worker = app.extensions["coin_retriever"].worker

@@ -405,6 +405,13 @@ class Store(ABC):
     def claim_next(self) -> Claim | None:
         """Mark the queued coin with the lowest taskRun running and return it."""
 
+    def claim_waiting(self, limit: int) -> list[Claim]:
+        """Up to ``limit`` queued coins claimed at once, lowest taskRun first (what a sweep takes)."""
+        claims = []
+        while len(claims) < limit and (claim := self.claim_next()) is not None:
+            claims.append(claim)
+        return claims
+
     @abstractmethod
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
         """Record a claimed coin's outcome; False if the claim went stale (DELETE /coins, say)."""

@@ -45,6 +45,8 @@ CALLS_PER_EXCHANGE = 2
 # A sample in which more than this share of coins differ from their own pages: the map is not trusted.
 DISTRUST_SHARE = 0.10
 IDLE_POLL = 5.0
+EXCHANGES_LIST_TTL = 600.0
+CLAIMED_AT_MOST = 1_000_000
 # How long stopping may spend putting a sweep's coins back; a durable store puts back the rest at start.
 RELEASE_BUDGET = 3.0
 
@@ -66,6 +68,7 @@ class Sweeper:
         cache_seconds: float = 120.0,
         pause: Callable[[str, float | None, str], None] | None = None,
         paused: Callable[[], bool] = lambda: False,
+        wake: Callable[[], None] = lambda: None,
         progress_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -78,17 +81,20 @@ class Sweeper:
         self.cache_seconds = cache_seconds
         self._pause = pause or (lambda reason, seconds, kind: None)
         self._paused = paused
+        self._wake_workers = wake
         self.progress_interval = progress_interval
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng or random.Random()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._quiet = threading.Event()  # clear while a sweep may be about to claim the waiting coins
+        self._quiet.set()
         self._state_lock = threading.Lock()
         self._running: dict | None = None
         self._last: dict | None = None
         self._distrust: str | None = None
-        self._exchanges_listed: int | None = None
+        self._exchanges_listed: tuple[float, list[str]] | None = None
         self._logged_at = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -102,26 +108,47 @@ class Sweeper:
                     self.sweep(progress)
                     continue
             except (StoreError, UpstreamUnavailable) as exc:
+                self._quiet.set()
                 log.warning("sweep: %s; trying again shortly", exc)
                 self._stop.wait(IDLE_POLL)
                 continue
             except Stopped:
                 return
             except Exception:
+                self._quiet.set()
                 if self._stop.is_set():
                     return
                 log.exception("sweep thread error; going on shortly")
                 self._stop.wait(IDLE_POLL)
                 continue
+            self._quiet.set()
             self._wake.wait(IDLE_POLL)
             self._wake.clear()
 
     def notify(self) -> None:
+        """Coins were queued: look again. When enough wait for a sweep to be possible, the per-coin threads
+        hold off (``wait_quiet``) until the sweeper has decided and claimed, so that the coins waiting now
+        go to the sweep rather than to whichever thread woke first."""
+        if self._might_sweep():
+            self._quiet.clear()
         self._wake.set()
+
+    def wait_quiet(self, timeout: float) -> bool:
+        return self._quiet.wait(timeout)
+
+    def _might_sweep(self) -> bool:
+        if self._distrust is not None or self.sweep_at == 0 or self._running is not None:
+            return False
+        floor = SWEEP_FLOOR if self.sweep_at is None else self.sweep_at
+        try:
+            return self.store.status_counts()["queued"] >= floor
+        except StoreError:
+            return False
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._quiet.set()
 
     # -- what /healthz and the status page show ---------------------------------------------------
 
@@ -168,9 +195,15 @@ class Sweeper:
         last = self.store.last_sweep_calls()
         if last is not None:
             return last
-        if self._exchanges_listed is None:
-            self._exchanges_listed = len(self.client.exchange_ids())
-        return CALLS_PER_EXCHANGE * self._exchanges_listed + 1
+        return CALLS_PER_EXCHANGE * len(self._exchange_ids()) + 1
+
+    def _exchange_ids(self) -> list[str]:
+        """``/exchanges/list``, read again once the copy is older than ``EXCHANGES_LIST_TTL``: the estimate
+        and the sweep that follows it share one call."""
+        listed = self._exchanges_listed
+        if listed is None or self._clock() - listed[0] > EXCHANGES_LIST_TTL:
+            listed = self._exchanges_listed = (self._clock(), self.client.exchange_ids())
+        return listed[1]
 
     # -- sweeping ---------------------------------------------------------------------------
 
@@ -182,7 +215,7 @@ class Sweeper:
             return
         try:
             if progress is None:
-                exchanges = self.client.exchange_ids()
+                exchanges = self._exchange_ids()
                 progress = SweepProgress(self._wall_clock(), exchanges)
                 self.store.begin_sweep(exchanges, progress.started)
             else:
@@ -206,9 +239,10 @@ class Sweeper:
                 self._running = None
 
     def _claim_waiting(self) -> list[Claim]:
-        claims = []
-        while not self._stop.is_set() and (claim := self.store.claim_next()) is not None:
-            claims.append(claim)
+        try:
+            claims = self.store.claim_waiting(CLAIMED_AT_MOST)
+        finally:
+            self._quiet.set()
         if claims:
             log.info("sweep: mapping %d waiting coin(s) through the exchanges", len(claims))
         return claims
@@ -225,6 +259,7 @@ class Sweeper:
                 break
         if why:
             log.info("%s; its coins are back in the queue", why)
+        self._wake_workers()
 
     def _read_exchanges(self, progress: SweepProgress, generation: int) -> None:
         """Read every exchange of the sweep not read yet, keeping each page's progress; one whose pages
@@ -402,6 +437,7 @@ class Sweeper:
             log.error("sweep not trusted: %s", self._distrust)
             queued = self.store.refresh_coins(others)
             log.info("sweep: %d coin(s) queued to be fetched coin by coin", queued)
+            self._wake_workers()
 
 
 def new_exchange_state() -> dict:

@@ -100,7 +100,8 @@ class Worker:
         self.sweeper = None if sweep_at == 0 else Sweeper(
             store, client, sweep_at=sweep_at, verify=sweep_verify, cache_seconds=cache_seconds,
             pause=lambda reason, seconds, kind: self._pause(reason, seconds, kind),
-            paused=lambda: self.pause() is not None, progress_interval=progress_interval, clock=clock,
+            paused=lambda: self.pause() is not None, wake=self._wake_threads,
+            progress_interval=progress_interval, clock=clock,
             wall_clock=wall_clock, rng=sweep_rng)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -137,11 +138,14 @@ class Worker:
 
     def notify(self) -> None:
         """Wake idle threads: coins were queued."""
+        if self.sweeper is not None:
+            self.sweeper.notify()
+        self._wake_threads()
+
+    def _wake_threads(self) -> None:
         with self._wake:
             self._signals += 1
             self._wake.notify_all()
-        if self.sweeper is not None:
-            self.sweeper.notify()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every thread has found the queue empty since the last ``notify``."""
@@ -230,6 +234,8 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if self._wait_while_paused() or not self._release_stranded():
+                    continue
+                if self.sweeper is not None and not self.sweeper.wait_quiet(1.0):
                     continue
                 with self._wake:
                     seen = self._signals

@@ -233,6 +233,19 @@ class PostgresStore(PostgresSweeps, Store):
             self._held.add(token)
         return Claim(coin_id, task_run, 0, token, frozenset(tuple(t) for t in first_pass) if first_pass else None)
 
+    def claim_waiting(self, limit: int) -> list[Claim]:
+        rows = self._db.execute(
+            f"UPDATE coins SET status = 'running', claim = nextval('claims'), lease_until = {NOW} + %s,"
+            " not_before = NULL WHERE id IN ("
+            " SELECT id FROM coins WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %s)"
+            " ORDER BY task_run LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " RETURNING id, task_run, claim, first_pass", (self.lease_seconds, self._clock(), limit),
+        ).fetchall()
+        with self._held_lock:
+            self._held.update(row[2] for row in rows)
+        return sorted((Claim(coin_id, task_run, 0, token, frozenset(tuple(t) for t in first_pass) if first_pass
+                             else None) for coin_id, task_run, token, first_pass in rows), key=lambda c: c.task_run)
+
     def _let_go(self, claim: Claim) -> None:
         with self._held_lock:
             self._held.discard(claim.token)

@@ -30,7 +30,7 @@ VOLUME ["/data"]
 EXPOSE 5000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '5000'), timeout=4)"
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('PORT', '5000'), timeout=4)"
 
 # gunicorn, started by app.py (server.py): one worker process holds the queue, the worker and
 # the store; its threads serve requests. SIGTERM (docker stop) ends it cleanly with status 0.

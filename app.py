@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sys
 
 from flask import Flask
 
 from coingecko_client import CoinGeckoClient
-from config import RELOAD_LOCK_WAIT, Config, check_config, configure_logging
+from config import RELOAD_LOCK_WAIT, Config, check_config, configure_logging, require_free_port
 from store import Store
 from web import register_web
 from web.services import Services
@@ -54,7 +55,7 @@ def create_app(
         worker.notify()
     log.info(
         "coin retriever: plan %s, %s calls/min, %d thread(s), store %s",
-        config.plan, f"{config.rate_limit:g}", worker.concurrency, config.store_name,
+        config.plan_said, f"{config.rate_limit:g}", worker.concurrency, config.store_name,
     )
     if config.api_token is None and not _is_loopback(config.host):
         log.warning("listening on %s without COINS_API_TOKEN: anyone who can reach it may POST and DELETE",
@@ -69,13 +70,28 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main() -> None:
+USAGE = """usage: python app.py
+
+Starts the coin retriever: the HTTP API on http://HOST:PORT (127.0.0.1:5000 by default) and its
+background worker, served by gunicorn. It takes no arguments; it is configured by the environment:
+COINGECKO_API_KEY, COINGECKO_PLAN, COINS_DB, PORT, HOST, LOG_LEVEL and the others listed in
+docs/configuration.md. No key or network at hand? python demo.py runs it against a fake CoinGecko.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
     """``python app.py``: check the settings, then serve with gunicorn as the image does."""
     from memory import restart_with_system_allocator
     from server import serve
 
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        sys.stdout.write(USAGE)
+        sys.exit(0 if args[0] in ("-h", "--help") else 2)
     restart_with_system_allocator()
-    serve(check_config(), create_app)
+    config = check_config()
+    require_free_port(config)
+    serve(config, create_app)
 
 
 if __name__ == "__main__":

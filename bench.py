@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=int, default=None, metavar="N",
                         help="instead: every endpoint at N records on each store, beside the same-size floor")
     parser.add_argument("--stores", default=",".join(STORES), help="which stores, comma-separated (default: all)")
+    parser.add_argument("--market", action="store_true",
+                        help=f"instead: {MARKET_COINS} coins on {MARKET_EXCHANGES} exchanges, per coin and swept")
     parser.add_argument("--serve-floor", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -414,6 +416,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     machine = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
+    if args.market:
+        data = FakeData(MARKET_COINS, exchanges=MARKET_EXCHANGES, market=True)
+        runs = [measure_market(mode, data) for mode in ("per-coin", "sweep")]
+        sys.stdout.write(f"\n{market_report(data, runs)}\n\nMeasured on {machine}, {_cores()} cores.\n")
+        return
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory())
         missing = unavailable_reason()
@@ -433,6 +440,62 @@ def main(argv: list[str] | None = None) -> None:
             log.info("scale: %d coins on the %s store", SCALE_COINS, store)
             scales.append(measure_scale(store, SCALE_COINS, repeat, workdir, postgres))
     sys.stdout.write(f"\n{report(pacing, scales)}\n\nMeasured on {machine}, {_cores()} cores.\n")
+
+
+MARKET_COINS, MARKET_EXCHANGES = 5000, 400
+MARKET_LIMITS = (30, 500)  # a demo key's and a pro key's calls a minute, for the time at a fixed limit
+
+
+def measure_market(mode: str, data: FakeData) -> dict:
+    """Every coin of the market posted with {"all": true} and mapped coin by coin (``COINS_SWEEP_AT=0``) or
+    as the service chooses (a sweep), at an unlimited upstream: calls, seconds, and exactness."""
+    settings = {"COINGECKO_RATE_LIMIT": UNLIMITED, "WORKER_CONCURRENCY": "4"}
+    if mode == "per-coin":
+        settings["COINS_SWEEP_AT"] = "0"
+    with FakeCoinGecko(FakeOptions(), data) as fake, service(fake.url, **settings) as svc:
+        started = time.perf_counter()
+        requests.post(f"{svc.url}/coins", json={"all": True}, timeout=60).raise_for_status()
+        total = len(data.coin_ids())
+        eventually(lambda: requests.get(f"{svc.url}/healthz", timeout=10).json()["coins"]["done"] == total, 900,
+                   f"{total} coins done")
+        seconds = time.perf_counter() - started
+        coins = requests.get(f"{svc.url}/coins", timeout=60).json()["coins"]
+        stats = fake.stats.snapshot()
+        health = requests.get(f"{svc.url}/healthz", timeout=10).json()
+    exact = sum(coin["exchanges"] == data.exchanges(coin["id"]) for coin in coins)
+    return {"mode": mode, "coins": total, "calls": stats["calls"], "exchange_calls": stats["exchange_calls"],
+            "ticker_calls": stats["ticker_calls"], "seconds": seconds, "exact": exact,
+            "pages_twice": len(stats["pages_fetched_twice"]) + len(stats["exchange_pages_fetched_twice"]),
+            "verified": health.get("sweep", {}).get("verification")}
+
+
+def market_report(data: FakeData, runs: list[dict]) -> str:
+    market = data.market()
+    listed = data.exchange_list()
+    per_coin_min = 1 + sum(data.pages(coin_id) for coin_id in data.coin_ids())
+    sweep_min = 1 + sum(len(market.get(item["id"], ())) // 100 + 1 for item in listed)
+    tickers = sum(len(rows) for rows in market.values())
+    lines = [
+        f"Market: {len(data.coin_ids())} coins, {len(listed)} exchanges listed, {tickers} tickers. Minimum calls "
+        f"coin by coin: {per_coin_min} (1 + the coins' pages); sweep: {sweep_min} (1 + per exchange, a call a "
+        "full page and one for the short page) plus the verification sample.",
+        "",
+        "| run | calls | of which exchange / ticker | calls a coin | vs per-coin minimum | "
+        + " | ".join(f"time at {limit}/min" for limit in MARKET_LIMITS)
+        + " | wall (unlimited upstream) | records equal to the truth | pages fetched twice |",
+        "|---|---|---|---|---|" + "---|" * len(MARKET_LIMITS) + "---|---|---|",
+    ]
+    for run in runs:
+        times = " | ".join(_duration(run["calls"] / limit * 60) for limit in MARKET_LIMITS)
+        lines.append(
+            f"| {run['mode']} | {run['calls']} | {run['exchange_calls']} / {run['ticker_calls']} | "
+            f"{run['calls'] / run['coins']:.3f} | {run['calls'] / per_coin_min:.2f} | {times} | "
+            f"{run['seconds']:.1f} s | {run['exact']}/{run['coins']} | {run['pages_twice']} |")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def _cores() -> int:

@@ -9,6 +9,7 @@ and jitter. A bad key or a wrong base URL is not a coin's fault: it raises
 
 from __future__ import annotations
 
+import difflib
 import email.utils
 import logging
 import math
@@ -333,6 +334,7 @@ class CoinGeckoClient:
         self._list_lock = threading.Lock()
         self._listed: frozenset[str] | None = None
         self._listed_order: list[str] = []
+        self._symbols: dict[str, list[str]] = {}
         self._listed_at = -math.inf
         self._list_failed_at = -math.inf
 
@@ -420,8 +422,10 @@ class CoinGeckoClient:
                         ) from exc
                     raise CoinFetchError(f"{reason} (gave up after {failures} attempts)") from exc
                 delay = self._retry_delay(failures)
+                # The next attempt also waits for its call slot: at least an interval after this one.
+                waits = max(delay, self.limiter.interval, self.limiter.pause_remaining())
                 log.warning("GET %s: %s; attempt %d of %d, retrying in %.1fs",
-                            path, reason, failures, self.max_attempts, delay)
+                            path, reason, failures, self.max_attempts, waits)
                 self._sleep(delay)
             finally:
                 self._settle_call(response, result, time.perf_counter() - started)
@@ -629,6 +633,15 @@ class CoinGeckoClient:
                 self._read_list(now)
             return list(self._listed_order)
 
+    def suggestions(self, entry: str, most: int = 5) -> list[str]:
+        """Listed IDs ``entry`` may have meant: those whose symbol it is (``btc``), then those spelled
+        closest to it (``bitcoinn``). From the cached coins/list only: asking costs no call."""
+        with self._list_lock:
+            listed, symbols = self._listed_order, self._symbols
+        by_symbol = symbols.get(entry.strip().lower(), [])[:most]
+        close = difflib.get_close_matches(entry, listed, n=most, cutoff=0.8)
+        return list(dict.fromkeys([*by_symbol, *close]))[:most]
+
     def _read_list(self, now: float) -> None:
         """Fetch coins/list into the cache (the list lock is held)."""
         try:
@@ -643,9 +656,13 @@ class CoinGeckoClient:
         if not isinstance(body, list):
             self._list_failed_at = now
             raise CoinFetchError("coins/list is not a list")
-        self._listed_order = list(dict.fromkeys(
-            item["id"] for item in body if isinstance(item, dict) and isinstance(item.get("id"), str)
-        ))
+        items = [item for item in body if isinstance(item, dict) and isinstance(item.get("id"), str)]
+        self._listed_order = list(dict.fromkeys(item["id"] for item in items))
+        symbols: dict[str, list[str]] = {}
+        for item in items:
+            if isinstance(item.get("symbol"), str):
+                symbols.setdefault(item["symbol"].strip().lower(), []).append(item["id"])
+        self._symbols = symbols
         self._listed = frozenset(self._listed_order)
         self._listed_at = self._clock()
         log.info("coins/list: %d coins", len(self._listed))

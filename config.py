@@ -22,7 +22,7 @@ import redaction
 from coingecko_client import PLANS, CoinGeckoClient
 from redaction import LOG_FORMAT, RedactingFormatter, url_credentials, url_without_password
 from store import Store, StoreError
-from stores import open_store
+from stores import is_postgres_url, open_store
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Config:
     lease_seconds: float = 30.0
     sweep_at: int | None = None
     sweep_verify: int = 20
+    plan_given: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -74,6 +75,9 @@ class Config:
         if plan_name not in PLANS:
             raise ConfigError(f"COINGECKO_PLAN must be one of {', '.join(PLANS)}, not {plan_name[:40]!r}")
         plan = PLANS[plan_name]
+        if plan_name == "pro" and not api_key:
+            raise ConfigError("COINGECKO_PLAN=pro needs COINGECKO_API_KEY (a pro key): set the key, or leave "
+                              "COINGECKO_PLAN unset for the keyless public API")
         if api_key and plan.key_header is None:
             log.warning("COINGECKO_PLAN=keyless: the API key is not sent; set COINGECKO_PLAN=demo or pro to use it")
         level = (text("LOG_LEVEL") or "INFO").upper()
@@ -89,7 +93,7 @@ class Config:
             rate_limit=_number(env, "COINGECKO_RATE_LIMIT", float, plan.rate_limit, 0.001, 1e9),
             timeout=_number(env, "COINGECKO_TIMEOUT", float, cls.timeout, 0.001, 3600),
             concurrency=_number(env, "WORKER_CONCURRENCY", int, plan.concurrency, 1, 64),
-            db_path=text("COINS_DB"),
+            db_path=_store_location(text("COINS_DB")),
             api_token=_header_safe("COINS_API_TOKEN", text("COINS_API_TOKEN")),
             log_level=level,
             max_attempts=_number(env, "COINGECKO_MAX_ATTEMPTS", int, cls.max_attempts, 1, 100),
@@ -101,6 +105,7 @@ class Config:
             lease_seconds=_number(env, "COINS_LEASE_SECONDS", float, cls.lease_seconds, 1, 3600),
             sweep_at=_number(env, "COINS_SWEEP_AT", int, None, 0, 10**9),
             sweep_verify=_number(env, "COINS_SWEEP_VERIFY", int, cls.sweep_verify, 0, 10**6),
+            plan_given=text("COINGECKO_PLAN") is not None,
         )
 
     @property
@@ -110,12 +115,22 @@ class Config:
         return tuple(secret for secret in (self.api_key, self.api_token, *url_credentials(self.db_path)) if secret)
 
     @property
+    def plan_said(self) -> str:
+        """The plan as the start line names it, and what was assumed when COINGECKO_PLAN was not set."""
+        if self.plan_given:
+            return self.plan
+        if self.api_key:
+            return (f"{self.plan} (assumed from the key, COINGECKO_PLAN being unset; "
+                    "set COINGECKO_PLAN=pro for a pro key)")
+        return f"{self.plan} (no COINGECKO_API_KEY; set one, with COINGECKO_PLAN=demo or pro, for more calls)"
+
+    @property
     def store_name(self) -> str:
         """The store as a log line may name it: a database URL without its password."""
         return url_without_password(self.db_path) if self.db_path else "in memory"
 
-    def open_store(self, lock_wait: float = 0.0) -> Store:
-        return open_store(self.db_path, lock_wait=lock_wait, lease_seconds=self.lease_seconds)
+    def open_store(self, lock_wait: float = 0.0, load: bool = True) -> Store:
+        return open_store(self.db_path, lock_wait=lock_wait, lease_seconds=self.lease_seconds, load=load)
 
     def make_client(self, store: Store | None = None) -> CoinGeckoClient:
         """The upstream client; its credits (and, on a shared store, its call slots) are kept in ``store``."""
@@ -212,6 +227,35 @@ def _address(name: str, host: str, port: int) -> str:
     return host
 
 
+def _store_location(value: str | None) -> str | None:
+    """``COINS_DB``: a file path (``sqlite:///path`` names one too) or a ``postgresql://`` URL."""
+    if value is None or is_postgres_url(value):
+        return value
+    if value.lower().startswith("sqlite:"):
+        path = value[len("sqlite:"):]
+        path = path[2:] if path.startswith("//") else path
+        if not path or path == "/":
+            raise ConfigError(f"COINS_DB must be a file path, sqlite:///path or a postgresql:// URL, "
+                              f"not {value[:80]!r}")
+        return path
+    if "://" in value:
+        raise ConfigError(f"COINS_DB must be a file path, sqlite:///path or a postgresql:// URL, not {value[:80]!r}")
+    return value
+
+
+def require_free_port(config: Config) -> None:
+    """Exit 2 with one line when ``PORT`` is taken (``python app.py``: gunicorn would retry for seconds)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host.strip("[]"), config.port))
+        except OSError as exc:
+            log.error("cannot start: PORT %d is already in use on %s (%s): stop what holds it, or set PORT "
+                      "to a free port", config.port, config.host, exc.strerror)
+            sys.exit(2)
+
+
 def configure_logging(config: Config) -> None:
     """One stderr handler on the root logger (added if there is none); no secret ever printed."""
     redaction.register(config.secrets)
@@ -228,7 +272,7 @@ def check_config(env: Mapping[str, str] | None = None) -> Config:
     try:
         config = Config.from_env(env)
         configure_logging(config)
-        config.open_store(lock_wait=START_LOCK_WAIT).close()
+        config.open_store(lock_wait=START_LOCK_WAIT, load=False).close()
     except (ConfigError, StoreError) as exc:
         logging.basicConfig(format=LOG_FORMAT)
         log.error("cannot start: %s", exc)

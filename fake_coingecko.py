@@ -31,6 +31,7 @@ log = logging.getLogger("fake_coingecko")
 
 PER_PAGE = 100
 EXCHANGE_POOL = 250
+SYMBOLS = {"bitcoin": "btc", "ethereum": "eth", "tether": "usdt"}
 EMPTY_EXCHANGES = ("empty-exchange-1", "empty-exchange-2")  # listed, with no tickers
 DERIVATIVES_VENUE = "derivatives-venue"  # listed, its tickers answer 404 here
 FAULT_KINDS = ("500", "502", "503", "html", "drop", "truncate", "slow", "badjson")
@@ -72,7 +73,8 @@ class FakeData:
         for i in range(1, coins + 1):
             self.ticker_counts[f"coin-{i:05d}"] = _market_ticker_count(i) if market else _generated_ticker_count(i)
         self._list_body = json.dumps(
-            [{"id": coin_id, "symbol": coin_id[:4], "name": coin_id.title()} for coin_id in self.ticker_counts]
+            [{"id": coin_id, "symbol": SYMBOLS.get(coin_id, coin_id[:4]), "name": coin_id.title()}
+             for coin_id in self.ticker_counts]
         ).encode()
 
     def coin_ids(self) -> list[str]:
@@ -689,13 +691,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default=None, help="require this key in --key-header")
     parser.add_argument("--key-header", default="x-cg-demo-api-key")
     parser.add_argument("--omit-total", action="store_true", help="leave out the total header")
+    parser.add_argument("--exchanges", type=int, default=EXCHANGE_POOL, help="exchanges the tickers are spread over")
+    parser.add_argument("--market", action="store_true", help="coins shaped as the real market (few tickers most)")
+    parser.add_argument("--disagree", type=float, default=0.0,
+                        help="share of coins left off their exchanges' pages (the two sides then differ)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = FakeOptions(
         rate_limit=args.rate_limit, retry_after=args.retry_after, latency=args.latency, fault_rate=args.fault_rate,
-        api_key=args.api_key, key_header=args.key_header, omit_total=args.omit_total,
+        api_key=args.api_key, key_header=args.key_header, omit_total=args.omit_total, disagree=args.disagree,
     )
-    fake = FakeCoinGecko(options, FakeData(args.coins), host=args.host, port=args.port)
+    data = FakeData(args.coins, exchanges=args.exchanges, market=args.market)
+    fake = FakeCoinGecko(options, data, host=args.host, port=args.port)
     log.info("fake CoinGecko at %s (%d coins)", fake.url, len(fake.data.ticker_counts))
     with contextlib.suppress(KeyboardInterrupt):
         fake.server.serve_forever()

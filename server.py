@@ -36,6 +36,14 @@ THREADS = 256
 GRACEFUL_SECONDS = 5
 PR_SET_PDEATHSIG = 1
 
+# The access line without its own timestamp: every line, gunicorn's and the service's, starts with the
+# one LOG_FORMAT gives.
+ACCESS_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms "%(a)s"'
+# Asked every few seconds by probes and by the status page (which says so in a header): logged at DEBUG.
+QUIET_PATHS = ("/healthz", "/livez", "/metrics")
+STATUS_PAGE_HEADER = "HTTP_X_STATUS_PAGE"
+
+
 # What gunicorn.conf.py hands to the gunicorn command line, and serve() to the embedded server.
 SETTINGS = {
     "workers": 1,
@@ -44,6 +52,7 @@ SETTINGS = {
     "logger_class": "server.RedactingLogger",
     "graceful_timeout": GRACEFUL_SECONDS,
     "accesslog": "-",
+    "access_log_format": ACCESS_FORMAT,
     # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl): two services on a
     # host would take it from each other, and the service needs none.
     "control_socket_disable": True,
@@ -51,14 +60,21 @@ SETTINGS = {
 
 
 class RedactingLogger(glogging.Logger):
-    """gunicorn's logger, its access and error lines blanked of every secret as the service's own are
-    (a token sent as a basic-auth user or in a query string would otherwise be logged)."""
+    """gunicorn's logger in the service's one format, its access and error lines blanked of every secret
+    as the service's own are (a token sent as a basic-auth user or in a query string would otherwise be
+    logged); the probes' and the status page's own polls only at ``LOG_LEVEL=DEBUG``."""
 
     def setup(self, cfg) -> None:
         super().setup(cfg)
         for logger in (self.error_log, self.access_log):
             for handler in logger.handlers:
-                handler.setFormatter(RedactingFormatter(inner=handler.formatter or logging.Formatter()))
+                handler.setFormatter(RedactingFormatter())
+
+    def access(self, resp, req, environ, request_time) -> None:
+        quiet = environ.get("PATH_INFO") in QUIET_PATHS or STATUS_PAGE_HEADER in environ
+        if quiet and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return
+        super().access(resp, req, environ, request_time)
 
 
 def worker_exit(server, worker) -> None:

@@ -43,6 +43,11 @@ SHARED_QUEUE_POLL = 1.0
 PAUSE_KINDS = ("upstream", "credits", "store", "rate_limit")
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 page``, ``2 pages``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class _Drifted(Exception):
     """A coin's first pass was inconsistent (page drift): it waits for CoinGecko's cache, then goes again."""
 
@@ -190,6 +195,10 @@ class Worker:
         """Every coin ID of CoinGecko's list, in its order (one call, or none while the cached copy is fresh)."""
         return self.client.listed_ids()
 
+    def did_you_mean(self, coin_id: str) -> list[str]:
+        """Listed coin IDs close to ``coin_id`` (its symbol, or a close spelling), for an invalid record."""
+        return self.client.suggestions(coin_id)
+
     def watch_calls(self, on_call: Callable) -> None:
         """Have ``on_call`` told of each upstream call, unless the client already reports to someone."""
         if self.client.on_call is None:
@@ -223,8 +232,11 @@ class Worker:
         """The call rate measured over the last minute, or the configured pace until there is one."""
         return self.client.measured_rate() or 1.0 / self.client.limiter.interval
 
-    def eta_seconds(self, coins_ahead: int) -> float:
-        """Seconds until ``coins_ahead`` more coins are finished at the measured pace."""
+    def eta_seconds(self, coins_ahead: int) -> float | None:
+        """Seconds until ``coins_ahead`` more coins are finished at the measured pace; None while paused
+        (a pause has its own end, shown with its reason)."""
+        if self.pause() is not None:
+            return None
         return round(coins_ahead * self.calls_per_coin() / self.calls_per_second(), 1)
 
     # -- the work ---------------------------------------------------------------------------
@@ -377,10 +389,11 @@ class Worker:
             self._calls_for_finished += calls
         seconds = self._clock() - started
         if outcome.status == DONE:
-            log.info("coin %s done: %d exchanges, %d pages, %d calls, %.1fs",
-                     claim.coin_id, len(outcome.exchanges), pages, calls, seconds)
+            log.info("coin %s done: %s, %s, %s, %.1fs", claim.coin_id, counted(len(outcome.exchanges), "exchange"),
+                     counted(pages, "page"), counted(calls, "call"), seconds)
         else:
-            log.info("coin %s %s: %s (%d calls, %.1fs)", claim.coin_id, outcome.status, outcome.error, calls, seconds)
+            log.info("coin %s %s: %s (%s, %.1fs)", claim.coin_id, outcome.status, outcome.error, counted(calls, "call"),
+                     seconds)
 
     def _record(self, claim: Claim, outcome: Outcome) -> bool:
         """Store the outcome. A store that is away raises (the coin goes back to the queue); a record the
@@ -478,7 +491,9 @@ class Worker:
         counts = self.store.status_counts()
         remaining = counts["queued"] + counts["running"]
         if remaining:
+            eta = self.eta_seconds(remaining)
             log.info(
-                "progress: %d done, %d remaining, %d calls in the last minute, ETA %.0fs",
-                counts["done"], remaining, self.client.stats()["calls_last_minute"], self.eta_seconds(remaining),
+                "progress: %d done, %d remaining, %d calls in the last minute, %s",
+                counts["done"], remaining, self.client.stats()["calls_last_minute"],
+                "paused, no ETA" if eta is None else f"ETA {eta:.0f}s",
             )

@@ -12,9 +12,10 @@ def is_postgres_url(db: str | None) -> bool:
     return bool(db) and db.split("://", 1)[0].lower() in ("postgresql", "postgres")
 
 
-def open_store(db_path: str | None, lock_wait: float = 0.0, lease_seconds: float = 30.0) -> Store:
+def open_store(db_path: str | None, lock_wait: float = 0.0, lease_seconds: float = 30.0,
+               load: bool = True) -> Store:
     """The store the configuration asks for: PostgreSQL at a ``postgresql://`` URL, SQLite at a path,
-    else in memory."""
+    else in memory. ``load=False``: only proof that it opens (SQLite then reads none of its records)."""
     if not db_path:
         from stores.memory import MemoryStore
 
@@ -25,4 +26,4 @@ def open_store(db_path: str | None, lock_wait: float = 0.0, lease_seconds: float
         return PostgresStore(db_path, lease_seconds=lease_seconds)
     from stores.sqlite import SqliteStore
 
-    return SqliteStore(db_path, lock_wait=lock_wait)
+    return SqliteStore(db_path, lock_wait=lock_wait, load=load)

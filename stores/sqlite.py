@@ -136,7 +136,10 @@ class SqliteStore(SqliteSweeps, TalliedStore):
     deleted or replaced under the service, whose changes would otherwise be lost at restart.
     """
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time, lock_wait: float = 0.0) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, lock_wait: float = 0.0,
+                 load: bool = True) -> None:
+        """``load=False``: open, lock and migrate the file only (the start's check, in gunicorn's master,
+        which must not hold the records)."""
         self._clock = clock
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
@@ -148,19 +151,29 @@ class SqliteStore(SqliteSweeps, TalliedStore):
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._migrate(path)
-            requeued = self._conn.execute("UPDATE coins SET status = ? WHERE status = ?", (QUEUED, RUNNING)).rowcount
-            self._tallies = self._load_tallies()
+            requeued = 0
+            if load:
+                requeued = self._conn.execute("UPDATE coins SET status = ? WHERE status = ?",
+                                              (QUEUED, RUNNING)).rowcount
+                self._tallies = self._load_tallies()
         except (sqlite3.Error, StoreError, ValueError) as exc:
             if self._lock_file is not None:
                 self._lock_file.close()
             if isinstance(exc, StoreError):
                 raise
             raise StoreError(f"cannot open COINS_DB {path!r}: {exc}") from exc
-        if requeued:
-            log.info("resumed %d coin(s) that were running when the service stopped", requeued)
+        if load:
+            self._say_resumed(requeued)
         self._generation = 1
         self._version = 1
         self._scope = os.urandom(4).hex()
+
+    def _say_resumed(self, requeued: int) -> None:
+        """The start's line on what the file holds: the queue resumed, and the records kept."""
+        counts = self._tallies.by_status
+        if counts[QUEUED] or counts[DONE]:
+            log.info("COINS_DB %r: resuming %d queued coin(s) (%d of them running when the service stopped); "
+                     "%d done record(s) kept", self._path, counts[QUEUED], requeued, counts[DONE])
 
     def _load_tallies(self) -> Tallies:
         """The counts of what the file holds, read once: from here on they follow every change."""

@@ -7,6 +7,7 @@ from flask import Blueprint, current_app, jsonify, request
 from memory import release_freed_memory
 from store import BatchNotFound, BatchSummary
 from web.services import Services, services
+from web.submission import query_wait, wait_for
 
 blueprint = Blueprint("batches", __name__)
 
@@ -23,9 +24,19 @@ def list_batches():
 @blueprint.get("/batches/<batch_id>")
 def get_batch(batch_id: str):
     svc = services()
+    wait = query_wait()
     summary = svc.store.batch(batch_id)
     if summary is None:
         raise BatchNotFound(batch_id)
+    if wait:
+        def changed() -> bool:
+            now = svc.store.batch(batch_id)
+            return now is None or now.counts != summary.counts or now.closed != summary.closed
+
+        wait_for(changed, wait)
+        summary = svc.store.batch(batch_id)
+        if summary is None:
+            raise BatchNotFound(batch_id)
     return jsonify(batch_view(summary, svc))
 
 

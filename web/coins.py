@@ -14,12 +14,13 @@ from memory import release_freed_memory
 from store import (
     COINS_SOURCE,
     DONE,
+    INVALID,
     MAX_TASK_RUN,
     BatchNotFound,
     CoinRecord,
 )
 from web.services import ApiError, services
-from web.submission import parse_submission, query_batch
+from web.submission import parse_submission, query_batch, query_wait, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ def list_coins():
     since = query_since()
     batch = query_batch()
     fmt = listing_format()
+    wait = query_wait()
     svc = services()
     if batch is not None and not svc.store.has_batch(batch):
         raise BatchNotFound(batch)
+    if wait:
+        wait_for(lambda: bool(svc.store.listed_ids(since, batch)), wait)
     version = svc.store.listing_version()  # read once: the ETag and the cached body name the same version
     etag = svc.listing.etag(version, since, batch)
     headers = {"ETag": etag, "Vary": "Accept"}
@@ -122,10 +126,14 @@ def clear_coins():
 
 @blueprint.get("/coins/<path:coin_id>")
 def get_coin(coin_id: str):
-    record = services().store.record(stored_id(normalized_id(coin_id)))
+    svc = services()
+    record = svc.store.record(stored_id(normalized_id(coin_id)))
     if record is None:
         raise ApiError(404, f"coin {coin_id[:210]!r} was never submitted: POST it to /coins first")
-    return jsonify(coin_view(record))
+    view = coin_view(record)
+    if record.status == INVALID:
+        view["did you mean"] = svc.worker.did_you_mean(record.id)
+    return jsonify(view)
 
 
 def query_since() -> int:

@@ -1,4 +1,6 @@
-"""``/healthz``: is the worker running, and if not, why."""
+"""``/healthz``: is the worker running, and if not, why (the full report, for people and readiness);
+``/livez``: are the process and its worker threads alive (for a container's HEALTHCHECK and a liveness
+probe, which restart what fails: a CoinGecko outage must not restart a service right to wait)."""
 
 from __future__ import annotations
 
@@ -29,3 +31,9 @@ def healthz():
     if sweep is not None:
         body["sweep"] = sweep
     return jsonify(body), 200 if healthy else 503
+
+
+@blueprint.get("/livez")
+def livez():
+    alive = services().worker.alive
+    return jsonify(status="alive" if alive else "dead"), 200 if alive else 503

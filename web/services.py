@@ -12,6 +12,7 @@ from metrics import Metrics
 from store import Store
 from web.batch_listing import BatchListing
 from web.listing import CoinListing
+from web.waiting import Waiting
 from worker import Worker
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Services:
     _closed: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        self.waiting = Waiting(self._closed)
         if self.listing is None:
             self.listing = CoinListing(self.store)
         self.metrics.watch(self)

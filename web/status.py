@@ -36,6 +36,7 @@ def status_page():
         latest=[record for record in latest if record is not None],
         last_task_run=max((record.task_run for record in latest if record is not None), default=0),
         generation=svc.store.generation(),
+        sweep=svc.worker.sweep_state(),
     )
 
 

@@ -16,7 +16,8 @@ from flask import request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from coin_ids import normalized_ids
-from web.services import ApiError
+from web.services import ApiError, services
+from web.waiting import MAX_WAIT_SECONDS
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_ENTRIES = 50_000
@@ -234,3 +235,30 @@ def _csv_ids(text: str) -> list[str]:
     if column is None:
         return [cell for row in rows for cell in row]
     return [row[column] for row in rows[1:] if column < len(row)]
+
+
+WAIT_RETRY_AFTER = "5"
+
+
+def query_wait() -> float:
+    """``?wait=`` in seconds (0 to 60); 0 when absent."""
+    raw = request.args.get("wait")
+    if raw is None or raw.strip() == "":
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ApiError(400, f"?wait= takes seconds from 0 to {MAX_WAIT_SECONDS}, not {raw[:20]!r}") from None
+    if not 0 <= seconds <= MAX_WAIT_SECONDS or seconds != seconds:
+        raise ApiError(400, f"?wait= takes seconds from 0 to {MAX_WAIT_SECONDS}, not {raw[:20]!r}")
+    return seconds
+
+
+def wait_for(ready, seconds: float) -> bool:
+    """``ready()`` within ``seconds`` (see ``Waiting``); 503 with ``Retry-After`` past the waiters' cap."""
+    waiting = services().waiting
+    became = waiting.until(ready, seconds) if seconds else ready()
+    if became is None:
+        raise ApiError(503, f"{waiting.limit} clients are waiting already: retry shortly, or poll without ?wait=",
+                       {"Retry-After": WAIT_RETRY_AFTER})
+    return became

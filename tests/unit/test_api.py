@@ -93,7 +93,7 @@ def test_task_runs_across_posts_with_repeats_unknown_and_malformed(app, http, fa
         assert coin["exchanges"] == fake.data.exchanges(coin["id"])
     assert http.get("/coins/nope-not-a-coin").get_json() == {
         "id": "nope-not-a-coin", "status": "invalid", "taskRun": 2,
-        "error": "not a CoinGecko coin ID (absent from coins/list)",
+        "error": "not a CoinGecko coin ID (absent from coins/list)", "did you mean": [],
     }
     stats = fake.stats.snapshot()
     assert stats["pages_fetched_twice"] == []

@@ -45,7 +45,7 @@ def test_an_exception_in_one_coin_fails_that_coin_only(caplog):
     assert store.record("boom").error == "internal error: RuntimeError"
     assert store.record("flaky").error == "HTTP 503 (gave up)"
     assert "kaput" in caplog.text
-    assert "coin a done: 1 exchanges, 1 pages, 1 calls" in caplog.text
+    assert "coin a done: 1 exchange, 1 page, 1 call" in caplog.text
 
 
 def test_unknown_coins_cost_no_tickers_call():

@@ -1,16 +1,19 @@
-// Keeps the status page current: polls the JSON endpoints every 2 s while work remains, every 15 s
-// when idle, with If-None-Match so that an unchanged answer costs a 304.
+// Keeps the status page current without polling on a timer: it asks /coins?since=N&wait=S, which
+// answers as soon as a coin lands (or after S seconds), then reads /healthz and /batches, with
+// If-None-Match so that an unchanged answer costs a 304.
 "use strict";
 
-const BUSY_MS = 2000;
-const IDLE_MS = 15000;
+const WAIT_S = 5; // how long one round may wait for a coin to land
+const ROUND_MS = 1000; // the shortest round, when coins land faster than that
+const RETRY_MS = 5000; // after an error (the service restarting, or too many clients waiting)
 const PARTS = ["done", "invalid", "failed", "running", "queued"];
 const etags = {};
 let lastTaskRun = Number(document.body.dataset.lastTaskRun || 0);
 let generation = document.body.dataset.generation;
 
 async function getJson(path) {
-  const headers = etags[path] ? { "If-None-Match": etags[path] } : {};
+  const headers = { "X-Status-Page": "1" };
+  if (etags[path]) headers["If-None-Match"] = etags[path];
   const answer = await fetch(path, { headers });
   if (answer.status === 304) return null;
   if (answer.headers.get("ETag")) etags[path] = answer.headers.get("ETag");
@@ -41,6 +44,28 @@ function showHealth(health) {
   text("credits-used", credits.used);
   text("credits-limit", credits.limit === null ? "(no monthly cap)" : "of " + credits.limit);
   text("credits-resets", credits.resets);
+}
+
+// A sweep through the exchanges: a bar of the exchanges read while it runs, then its verification.
+function showSweep(sweep) {
+  const section = document.getElementById("sweep");
+  section.hidden = !sweep;
+  if (!sweep) return;
+  const bar = document.getElementById("sweep-bar");
+  if (sweep.running) {
+    const eta = sweep.eta === null ? "paused" : "ETA " + Math.round(sweep.eta) + " s";
+    text("sweep-text", `${sweep.done} of ${sweep.total} exchanges read, ${sweep.calls} calls, ${eta}`);
+    bar.max = Math.max(1, sweep.total);
+    bar.value = sweep.done;
+  } else if (sweep.checked !== undefined) {
+    const differed = sweep.differed.length ? ` (differed: ${sweep.differed.join(", ")})` : "";
+    text("sweep-text", `Last sweep: ${sweep.agreed}/${sweep.checked} sampled coins agree with their own pages${differed}`);
+    bar.max = 1;
+    bar.value = 1;
+  }
+  const stopped = document.getElementById("sweep-stopped");
+  stopped.hidden = !sweep.stopped;
+  stopped.textContent = sweep.stopped || "";
 }
 
 function batchItem(batch) {
@@ -114,20 +139,22 @@ function showLatest(coins) {
 }
 
 async function refresh() {
-  let busy = true;
+  const started = Date.now();
+  let delay = 0;
   try {
-    const health = await (await fetch("/healthz")).json();
+    const latest = await getJson("/coins?since=" + lastTaskRun + "&wait=" + WAIT_S);
+    const health = await (await fetch("/healthz", { headers: { "X-Status-Page": "1" } })).json();
     showHealth(health);
+    showSweep(health.sweep);
     followClears(health);
+    if (latest) showLatest(latest.coins);
     const batches = await getJson("/batches");
     if (batches) showBatches(batches.batches);
-    const latest = await getJson("/coins?since=" + lastTaskRun);
-    if (latest) showLatest(latest.coins);
-    busy = health.coins.queued + health.coins.running > 0 || health.worker.state !== "running";
+    delay = Math.max(0, ROUND_MS - (Date.now() - started));
   } catch (error) {
-    busy = false;
+    delay = RETRY_MS;
   }
-  setTimeout(refresh, busy ? BUSY_MS : IDLE_MS);
+  setTimeout(refresh, delay);
 }
 
-setTimeout(refresh, BUSY_MS);
+setTimeout(refresh, ROUND_MS);

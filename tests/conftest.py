@@ -79,3 +79,14 @@ def clocked_store(request, tmp_path):
     opened = open_test_store(request.param, request, tmp_path, clock)
     yield opened, clock
     opened.close()
+
+
+@pytest.fixture
+def app(make_app):
+    """An app on ``store`` and ``fake``; its worker runs when a test drains it."""
+    return make_app()
+
+
+@pytest.fixture
+def http(app):
+    return app.test_client()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,11 @@ def drain(app) -> int:
 
 
 REQUIRE_TOOLS = "COINS_REQUIRE_SYSTEM_TOOLS"
+
+
+def post_json(http, body, **kwargs):
+    """POST ``body`` as JSON through a Flask test client."""
+    return http.post("/coins", data=json.dumps(body), content_type="application/json", **kwargs)
 
 
 def require(available: bool, reason: str) -> None:

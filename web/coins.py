@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, jsonify, request
 
-from coin_ids import normalized_id, stored_id
+from coin_ids import malformed_reason, normalized_id, stored_id
 from coingecko_client import CoinGeckoError
 from credits import iso
 from memory import release_freed_memory
@@ -131,7 +131,7 @@ def get_coin(coin_id: str):
     if record is None:
         raise ApiError(404, f"coin {coin_id[:210]!r} was never submitted: POST it to /coins first")
     view = coin_view(record)
-    if record.status == INVALID:
+    if record.status == INVALID and malformed_reason(record.id) is None:
         view["did you mean"] = svc.worker.did_you_mean(record.id)
     return jsonify(view)
 

@@ -186,7 +186,7 @@ def test_two_containers_of_the_image_share_one_postgres_queue(image, containers,
         for url in urls:
             answering(url, 60)
         ids = [f"coin-{i:05d}" for i in range(1, 61)]
-        first = requests.post(f"{urls[0]}/coins", json=ids[:30], timeout=10).json()
+        first = requests.post(f"{urls[0]}/coins", json={"coins": ids[:30], "last": False}, timeout=10).json()
         second = requests.post(f"{urls[1]}/coins", json={"coins": ids[30:], "batch": first["batch"], "last": True},
                                timeout=10).json()
         assert second["taskRuns"][ids[30]] == 31

@@ -46,7 +46,7 @@ def test_dockerfile_is_what_the_readme_promises():
     assert first["EXPOSE"] == "5000"
     assert json.loads(first["VOLUME"]) == ["/data"]
     assert image_env()["COINS_DB"].startswith("/data/")
-    assert "/healthz" in first["HEALTHCHECK"]
+    assert "/livez" in first["HEALTHCHECK"]
     names = [name for name, _ in instructions]
     assert names.index("COPY") < names.index("RUN") < len(names) - 1 - names[::-1].index("COPY")
     assert json.loads(first["CMD"]) == ["python", "app.py"]

@@ -12,7 +12,8 @@ DATA = FakeData(coins=30)
 
 def test_a_mixed_batch_in_every_format_ends_with_exact_exchange_sets():
     with fake_process("--coins", "30") as fake, service(fake.url + "/api/v3", COINGECKO_RATE_LIMIT="60000") as svc:
-        first = requests.post(f"{svc.url}/coins", json={"coins": ["Bitcoin", "nope-unknown", "ETHEREUM", "bitcoin"]})
+        first = requests.post(f"{svc.url}/coins", json={"coins": ["Bitcoin", "nope-unknown", "ETHEREUM", "bitcoin"],
+                                                               "last": False})
         batch = first.json()["batch"]
         requests.post(f"{svc.url}/coins?batch={batch}", data="id\r\nTether\r\nzero-tickers\r\nbad/id\r\n",
                       headers={"Content-Type": "text/csv"})

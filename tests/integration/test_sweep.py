@@ -34,6 +34,19 @@ def settled(store, timeout: float = 120.0) -> None:
     eventually(idle, timeout, "every coin to settle")
 
 
+def swept_once(store, data: FakeData, ids: list[str]) -> tuple[Worker, dict]:
+    """Submit ``ids``, let a worker deciding by cost settle them; the worker and what the fake served."""
+    with FakeCoinGecko(data=data) as fake:
+        store.submit(ids)
+        worker = sweeping_worker(store, fake.url)
+        try:
+            worker.notify()
+            settled(store)
+        finally:
+            worker.stop()
+        return worker, fake.stats.snapshot()
+
+
 def exchange_minimum(data: FakeData) -> int:
     """The sweep's fewest calls: /exchanges/list, then per exchange a call a full page and one for the
     short page (a 404 or an empty exchange: that one call)."""
@@ -48,15 +61,7 @@ def per_coin_minimum(data: FakeData, coin_ids) -> int:
 def test_a_sweep_maps_the_market_as_every_coins_own_pages_do_in_its_fewest_calls(store):
     data = FakeData(coins=2000, exchanges=150, market=True)
     ids = data.coin_ids()
-    with FakeCoinGecko(data=data) as fake:
-        store.submit(ids)
-        worker = sweeping_worker(store, fake.url)
-        try:
-            worker.notify()
-            settled(store)
-        finally:
-            worker.stop()
-        stats = fake.stats.snapshot()
+    worker, stats = swept_once(store, data, ids)
     records = store.records(ids)
     assert {record.id: list(record.exchanges) for record in records} == {coin: data.exchanges(coin) for coin in ids}
     assert stats["exchange_calls"] == exchange_minimum(data)
@@ -75,15 +80,7 @@ def test_a_handful_of_coins_is_fetched_coin_by_coin_without_a_sweep(count, tmp_p
     data = FakeData(coins=1000, exchanges=40, market=True)
     ids = data.coin_ids()[:count]
     store = MemoryStore()
-    with FakeCoinGecko(data=data) as fake:
-        store.submit(ids)
-        worker = sweeping_worker(store, fake.url)
-        try:
-            worker.notify()
-            settled(store)
-        finally:
-            worker.stop()
-        stats = fake.stats.snapshot()
+    worker, stats = swept_once(store, data, ids)
     assert stats["exchange_calls"] == 0
     assert all(record.source is None for record in store.records(ids))
     assert worker.sweep_state() is None

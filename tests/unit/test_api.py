@@ -10,22 +10,8 @@ import pytest
 
 from coin_ids import normalized_ids
 from store import Outcome
-from support import drain
+from support import drain, post_json
 from web.listing import SEGMENT_RUNS
-
-
-@pytest.fixture
-def app(make_app):
-    return make_app()
-
-
-@pytest.fixture
-def http(app):
-    return app.test_client()
-
-
-def post_json(http, body, **kwargs):
-    return http.post("/coins", data=json.dumps(body), content_type="application/json", **kwargs)
 
 
 def assert_unchanged(http):

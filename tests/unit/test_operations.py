@@ -3,27 +3,10 @@ polling, one-shot batches that complete, typos that get a hint or a 400, on ever
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
-import pytest
-
-from support import ScriptedClient, drain
-
-
-@pytest.fixture
-def app(make_app):
-    return make_app()
-
-
-@pytest.fixture
-def http(app):
-    return app.test_client()
-
-
-def post_json(http, body, **kwargs):
-    return http.post("/coins", data=json.dumps(body), content_type="application/json", **kwargs)
+from support import ScriptedClient, drain, post_json
 
 
 def test_livez_stays_200_while_a_refused_key_makes_healthz_503(make_app, store):

@@ -1,16 +1,18 @@
 """An offline demo: ``python demo.py`` runs a fake CoinGecko and the service wired to it.
 
 No key and no network needed: the fake serves a deterministic data set on
-127.0.0.1:8900 and the service answers on 127.0.0.1:5000 (``PORT`` to change).
+a free port (``FAKE_PORT`` to choose one) and the service answers on 127.0.0.1:5000 (``PORT`` to change);
+a port that is taken stops it with one line naming it, before any URL is printed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from app import create_app
-from config import check_config
+from config import check_config, require_free_port
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from server import serve
 
@@ -34,11 +36,18 @@ The fake paces nothing; the service keeps to {rate} calls a minute. Ctrl-C stops
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fake = FakeCoinGecko(FakeOptions(latency=0.05), FakeData(coins=200), port=int(os.environ.get("FAKE_PORT", 8900)))
+    fake_port = int(os.environ.get("FAKE_PORT", 0))
+    try:
+        fake = FakeCoinGecko(FakeOptions(latency=0.05), FakeData(coins=200), port=fake_port)
+    except OSError as exc:
+        log.error("cannot start: FAKE_PORT %d is already in use (%s): set FAKE_PORT to a free port, or leave it "
+                  "unset for any free one", fake_port, exc.strerror)
+        sys.exit(2)
     fake.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("COINGECKO_")}
     env.update(COINGECKO_API_URL=fake.url, COINGECKO_RATE_LIMIT=os.environ.get("COINGECKO_RATE_LIMIT", "120"))
     config = check_config(env)
+    require_free_port(config)
     url = f"http://{config.host}:{config.port}"
     log.info(TRY_THIS.format(url=url, fake=fake.url, rate=f"{config.rate_limit:g}"))
     serve(config, create_app)

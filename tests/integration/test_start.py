@@ -70,3 +70,19 @@ def test_an_sqlite_url_is_a_path_and_the_log_has_one_format_without_the_probes(t
     access = [line for line in lines if "gunicorn.access" in line]
     assert len(access) == 1 and '"GET /batches HTTP/1.1" 200' in access[0], access
     assert "plan demo (assumed from the key" in output
+
+
+def test_the_demo_on_a_taken_port_names_it_and_prints_no_url():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("COINGECKO_", "COINS_", "WORKER_"))}
+        service_taken = subprocess.run([sys.executable, "demo.py"], cwd=ROOT, env=base | {"PORT": str(port)},
+                                       capture_output=True, text=True, timeout=20)
+        fake_taken = subprocess.run([sys.executable, "demo.py"], cwd=ROOT, env=base | {"FAKE_PORT": str(port)},
+                                    capture_output=True, text=True, timeout=20)
+    assert service_taken.returncode == 2 and f"PORT {port} is already in use" in service_taken.stderr
+    assert "answering on" not in service_taken.stderr + service_taken.stdout
+    assert fake_taken.returncode == 2 and f"FAKE_PORT {port} is already in use" in fake_taken.stderr
+    assert "Traceback" not in fake_taken.stderr

@@ -100,13 +100,15 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def store_settings(store: str, workdir: str, postgres: str | None) -> dict[str, str]:
-    """``COINS_DB`` for ``store``: a new SQLite file, or the PostgreSQL server emptied."""
+    """``COINS_DB`` for ``store``: a new SQLite file, or the PostgreSQL server emptied. The scale runs
+    measure the per-coin worker and the listing, so sweeps are off there (``--market`` measures them)."""
+    no_sweeps = {"COINS_SWEEP_AT": "0"}
     if store == "sqlite":
-        return {"COINS_DB": str(Path(tempfile.mkdtemp(dir=workdir)) / "coins.db")}
+        return no_sweeps | {"COINS_DB": str(Path(tempfile.mkdtemp(dir=workdir)) / "coins.db")}
     if store == "postgres":
         reset(postgres)
-        return {"COINS_DB": postgres}
-    return {}
+        return no_sweeps | {"COINS_DB": postgres}
+    return no_sweeps
 
 
 def measure_scale(store: str, coins: int, repeat: int, workdir: str, postgres: str | None = None) -> dict:

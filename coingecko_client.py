@@ -10,27 +10,50 @@ and jitter. A bad key or a wrong base URL is not a coin's fault: it raises
 from __future__ import annotations
 
 import difflib
-import email.utils
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 import requests
 
+from coingecko_answers import (  # noqa: F401  (the errors the client raises, imported from it by its callers)
+    BadAnswer,
+    Cancelled,
+    CoinFetchError,
+    CoinGeckoError,
+    CoinNotFound,
+    CreditsExhausted,
+    Stopped,
+    Ticker,
+    Transient,
+    UpstreamUnavailable,
+    answer_result,
+    cloudflare_code,
+    describe,
+    error_code,
+    exchange_ticker_keys,
+    failure_result,
+    is_html,
+    last_page,
+    no_answer,
+    pages_from_headers,
+    storable,
+    ticker_keys,
+    tickers_of,
+    total_from_headers,
+)
 from credits import Credits, iso
+from rate_limit import MAX_RETRY_AFTER, Pause, RateLimiter, SlotBook, capped_retry_after, parse_retry_after
 from upstream_http import (
     MAX_BODY_BYTES,
     BodyTooLarge,
     BoundedCaller,
-    CallTimedOut,
     UndecodableBody,
     bounded_session,
 )
@@ -52,7 +75,6 @@ PLANS = {
     "pro": Plan("https://pro-api.coingecko.com/api/v3", "x-cg-pro-api-key", 500, 4),
 }
 
-PAGE_SIZE = 100
 PROBE_PATH = "/ping"
 KEY_PATH = "/key"
 # What to change for each of CoinGecko's own error codes (its answers' status.error_code).
@@ -62,71 +84,8 @@ ERROR_ADVICE = {
     10010: "a pro key was sent to the public host: set COINGECKO_PLAN=pro",
     10011: "a demo key was sent to the pro host: set COINGECKO_PLAN=demo",
 }
-CLOUDFLARE_CODE = re.compile(rb"error code:?\s*(\d{4})", re.IGNORECASE)
-LAST_PAGE = re.compile(r"[?&]page=(\d+)[^>]*>\s*;\s*rel=\"?last\"?")
 MAX_PAGES = 1000
-# The longest pause a 429 may impose: a longer Retry-After is logged and cut to this.
-MAX_RETRY_AFTER = 300.0
-# A ``total`` header longer than this many digits is garbage, not a count of tickers.
-MAX_TOTAL_DIGITS = 12
 COINS_LIST_TTL = 600.0
-# Slots are spaced this much wider than 60 s / limit, so that network jitter
-# can never put limit + 1 calls into one 60 s window at the upstream.
-SPACING_MARGIN = 1.01
-
-
-class CoinGeckoError(Exception):
-    """Base of what the client raises."""
-
-
-class CoinNotFound(CoinGeckoError):
-    """CoinGecko does not know the coin (a 404 from its tickers)."""
-
-
-class CoinFetchError(CoinGeckoError):
-    """A coin could not be retrieved: its retries ran out, or CoinGecko answered nonsense."""
-
-
-class UpstreamUnavailable(CoinGeckoError):
-    """No call can succeed until an operator acts (a bad key, a wrong base URL)."""
-
-
-class CreditsExhausted(UpstreamUnavailable):
-    """The month's credits are spent: no call until the month turns."""
-
-    def __init__(self, message: str, seconds: float) -> None:
-        super().__init__(message)
-        self.seconds = seconds
-
-
-class Stopped(CoinGeckoError):
-    """The client was closed while a call waited."""
-
-
-class Cancelled(CoinGeckoError):
-    """The coin was cancelled (``DELETE``) while its pages were fetched."""
-
-
-class _Transient(Exception):
-    """A fault worth another attempt."""
-
-
-class _BadAnswer(_Transient):
-    """An answer that cannot be used (garbage, a redirect, a body past the cap): retried, then named as such."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"a bad answer from CoinGecko: {what}")
-
-
-@dataclass(frozen=True)
-class Pause:
-    """Why every upstream call waits, and until when (UTC, seconds since the epoch)."""
-
-    reason: str
-    until: float
-
-
-Ticker = tuple[str, str | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -147,132 +106,7 @@ class Retrieval:
 
 # What a call may fail with and be tried again.
 RETRIED = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-           requests.exceptions.ContentDecodingError, BodyTooLarge, UndecodableBody, _Transient)
-
-
-class SlotBook(Protocol):
-    """Where call slots are handed out: this process's memory, or a row every process shares.
-
-    Times are in the book's own clock; a caller only ever subtracts two of them.
-    """
-
-    def take(self, interval: float) -> tuple[float, float, int]:
-        """The next free slot (pushed past any pause), the time now, and the pauses so far; the slot
-        after it is ``interval`` later."""
-
-    def pause(self, seconds: float) -> None:
-        """Push every slot not yet used ``seconds`` past now."""
-
-    def pause_state(self) -> tuple[float, float, int]:
-        """(now, paused until, pauses so far)."""
-
-
-class LocalSlots:
-    """The slots of one process, under one lock."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next_slot = -math.inf
-        self._paused_until = -math.inf
-        self._pauses = 0
-
-    def take(self, interval: float) -> tuple[float, float, int]:
-        with self._lock:
-            now = self._clock()
-            slot = max(now, self._next_slot, self._paused_until)
-            self._next_slot = slot + interval
-            return slot, now, self._pauses
-
-    def pause(self, seconds: float) -> None:
-        with self._lock:
-            self._paused_until = max(self._paused_until, self._clock() + seconds)
-            self._pauses += 1
-
-    def pause_state(self) -> tuple[float, float, int]:
-        with self._lock:
-            return self._clock(), self._paused_until, self._pauses
-
-
-class RateLimiter:
-    """Hands out call slots spaced evenly, at most ``per_minute`` in any 60 s window.
-
-    The first call goes at once and each later one a full interval after the one
-    before, so there is never a burst. ``pause`` pushes every slot not yet used
-    past a deadline (a 429's Retry-After). The slots come from a ``SlotBook``: this
-    process's own, or one that several processes share (PostgreSQL).
-    """
-
-    def __init__(
-        self,
-        per_minute: float,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-        slots: SlotBook | None = None,
-    ) -> None:
-        self.set_rate(per_minute)
-        self._sleep = sleep
-        self._slots = slots or LocalSlots(clock)
-
-    def set_rate(self, per_minute: float) -> None:
-        if per_minute <= 0:
-            raise ValueError("the rate limit must be positive")
-        self.per_minute = per_minute
-        self.interval = 60.0 / per_minute * SPACING_MARGIN
-
-    def acquire(self) -> None:
-        """Wait for this caller's slot; take a new one if a pause began meanwhile."""
-        while True:
-            slot, now, pauses = self._slots.take(self.interval)
-            if slot <= now:
-                return
-            self._sleep(slot - now)
-            _, paused_until, pauses_now = self._slots.pause_state()
-            if pauses_now == pauses or paused_until <= slot:
-                return
-
-    def paused(self) -> bool:
-        return self.pause_remaining() > 0
-
-    def pause_remaining(self) -> float:
-        """Seconds until slots are handed out again (0 when not paused)."""
-        now, paused_until, _ = self._slots.pause_state()
-        return max(0.0, paused_until - now)
-
-    def pause(self, seconds: float) -> None:
-        self._slots.pause(seconds)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if math.isnan(seconds) or math.isinf(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def capped_retry_after(seconds: float, path: str) -> float:
-    """A Retry-After within ``MAX_RETRY_AFTER``; a longer one is logged with its value."""
-    if seconds <= MAX_RETRY_AFTER:
-        return seconds
-    log.warning("GET %s: 429 with Retry-After %.0fs; pausing %.0fs instead (the most this service waits)",
-                path, seconds, MAX_RETRY_AFTER)
-    return MAX_RETRY_AFTER
-
-
-def _is_html(response: requests.Response) -> bool:
-    content_type = response.headers.get("Content-Type", "")
-    return "html" in content_type.lower() or response.content.lstrip()[:1] == b"<"
+           requests.exceptions.ContentDecodingError, BodyTooLarge, UndecodableBody, Transient)
 
 
 class CoinGeckoClient:
@@ -403,17 +237,17 @@ class CoinGeckoClient:
             response, result, started = None, None, time.perf_counter()
             try:
                 response = self._caller.get(self.base_url + path, params=params)
-                result = _answer_result(response)
+                result = answer_result(response)
                 if result == "rate_limited":
                     self._back_off_rate_limit(response, path)
                     continue
                 self._consecutive_429 = 0
                 return self._check(response), response.headers, calls
             except RETRIED as exc:
-                result = "bad_body" if result == "ok" else result or _failure_result(exc)
+                result = "bad_body" if result == "ok" else result or failure_result(exc)
                 failures += 1
-                reason = _describe(exc)
-                answered = answered or not _no_answer(exc)
+                reason = describe(exc)
+                answered = answered or not no_answer(exc)
                 if failures >= (attempts or self.max_attempts):
                     if not answered and path != PROBE_PATH and not self.reachable():
                         raise UpstreamUnavailable(
@@ -455,10 +289,10 @@ class CoinGeckoClient:
     def _refusal(self, response: requests.Response) -> str | None:
         """Why CoinGecko refuses every call (a key, a plan, a firewall), with what to change; else None."""
         status = response.status_code
-        if _cloudflare_code(response) == 1020:
+        if cloudflare_code(response) == 1020:
             return (f"CoinGecko's firewall (Cloudflare error 1020, HTTP {status}) blocks this machine's address; "
                     "it is not a key problem: run from another network or ask CoinGecko to lift the block")
-        code, message = _error_code(response)
+        code, message = error_code(response)
         if code in ERROR_ADVICE or status in (401, 403):
             quoted = f"HTTP {status}, error {code}: {message}" if code is not None else f"HTTP {status}"
             advice = ERROR_ADVICE.get(code, "check COINGECKO_API_KEY and COINGECKO_PLAN")
@@ -476,21 +310,21 @@ class CoinGeckoClient:
         if status == 404:
             raise CoinNotFound(f"CoinGecko answered 404 for {response.request.path_url.split('?')[0]}")
         if status >= 500:
-            raise _Transient(f"HTTP {status}{' (an HTML error page)' if _is_html(response) else ''}")
+            raise Transient(f"HTTP {status}{' (an HTML error page)' if is_html(response) else ''}")
         if 300 <= status < 400:
             where = urlsplit(response.headers.get("Location", "")).netloc or "no host"
-            raise _BadAnswer(f"HTTP {status}, a redirect to {where[:100]} (never followed: the key stays with "
+            raise BadAnswer(f"HTTP {status}, a redirect to {where[:100]} (never followed: the key stays with "
                              f"{self.host})")
         if status != 200:
             raise CoinFetchError(f"CoinGecko answered HTTP {status}")
-        _total_from_headers(response.headers)
+        total_from_headers(response.headers)
         try:
             return response.json()
         except RecursionError as exc:
-            raise _BadAnswer("JSON nested too deep to read") from exc
+            raise BadAnswer("JSON nested too deep to read") from exc
         except ValueError as exc:
-            kind = "an HTML page" if _is_html(response) else "a body that is not JSON (truncated?)"
-            raise _Transient(f"HTTP 200 with {kind}") from exc
+            kind = "an HTML page" if is_html(response) else "a body that is not JSON (truncated?)"
+            raise Transient(f"HTTP 200 with {kind}") from exc
 
     @property
     def host(self) -> str:
@@ -515,7 +349,7 @@ class CoinGeckoClient:
             if not self.limiter.paused():
                 self._consecutive_429 += 1
             streak = max(1, self._consecutive_429)
-        delay = None if _is_html(response) else parse_retry_after(response.headers.get("Retry-After"))
+        delay = None if is_html(response) else parse_retry_after(response.headers.get("Retry-After"))
         if delay is None:
             delay = min(self.rate_limit_backoff * 2 ** (streak - 1), MAX_RETRY_AFTER)
             self._pause_reason = "CoinGecko answered 429 Too Many Requests (no Retry-After: backing off)"
@@ -558,18 +392,18 @@ class CoinGeckoClient:
                 raise CoinFetchError(f"more than {self.max_pages} pages of tickers; stopped there")
             body, headers, made = self._get(path, {"page": page})
             calls += made
-            tickers = _tickers_of(body)
-            on_page = set(_ticker_keys(tickers, coin_id))
+            tickers = tickers_of(body)
+            on_page = set(ticker_keys(tickers, coin_id))
             drifted = drifted or not seen.isdisjoint(on_page)
             seen |= on_page
             if page == 1:
-                total = _total_from_headers(headers)
-                pages_needed = _pages_from_headers(headers)
+                total = total_from_headers(headers)
+                pages_needed = pages_from_headers(headers)
                 if pages_needed is not None and pages_needed > self.max_pages:
                     raise CoinFetchError(
                         f"CoinGecko reports {headers.get('total')} tickers: more than {self.max_pages} pages"
                     )
-            if not tickers or _last_page(page, len(tickers), pages_needed, total is not None):
+            if not tickers or last_page(page, len(tickers), pages_needed, total is not None):
                 consistent = not drifted and (total is None or len(seen) >= total)
                 exchanges = tuple(sorted({identifier for identifier, _, _ in seen}))
                 return Retrieval(exchanges, page, calls, frozenset(seen), total, consistent)
@@ -591,8 +425,8 @@ class CoinGeckoClient:
         exchange's tickers answer 404 (a derivatives venue)."""
         path = f"/exchanges/{quote(exchange_id, safe='')}/tickers"
         body, _, calls = self._get(path, {"page": page, "order": "base_target"})
-        tickers = _tickers_of(body)
-        return _exchange_ticker_keys(tickers, exchange_id), len(tickers), calls
+        tickers = tickers_of(body)
+        return exchange_ticker_keys(tickers, exchange_id), len(tickers), calls
 
     def read_key(self) -> dict | None:
         """A pro key's own account (``GET /key``: its plan, rate limit and credits), or None if unreadable."""
@@ -666,179 +500,3 @@ class CoinGeckoClient:
         self._listed = frozenset(self._listed_order)
         self._listed_at = self._clock()
         log.info("coins/list: %d coins", len(self._listed))
-
-
-def _tickers_of(body: object) -> list:
-    if not isinstance(body, dict) or not isinstance(body.get("tickers"), list):
-        raise CoinFetchError("the tickers answer has no 'tickers' list")
-    return body["tickers"]
-
-
-def storable(text: str) -> bool:
-    """Whether every store can hold ``text``: no NUL (PostgreSQL refuses it), no lone surrogate
-    (not UTF-8)."""
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _ticker_keys(tickers: list, coin_id: str = "") -> list[Ticker]:
-    """What identifies each ticker: (``market.identifier``, ``base``, ``target``).
-
-    An identifier no store can hold is dropped here, once for every store, with a warning; a base
-    or target that none can hold is kept escaped (it only tells tickers apart)."""
-    found = []
-    for ticker in tickers:
-        market = ticker.get("market") if isinstance(ticker, dict) else None
-        identifier = market.get("identifier") if isinstance(market, dict) else None
-        if not isinstance(identifier, str) or not identifier:
-            continue
-        if not storable(identifier):
-            log.warning("coin %s: exchange identifier %s dropped: no store can hold it (a NUL or a lone "
-                        "surrogate)", coin_id, ascii(identifier)[:120])
-            continue
-        base, target = ticker.get("base"), ticker.get("target")
-        found.append((identifier, _escaped(base) if isinstance(base, str) else None,
-                      _escaped(target) if isinstance(target, str) else None))
-    return found
-
-
-def _exchange_ticker_keys(tickers: list, exchange_id: str) -> list[tuple[Ticker, tuple[str, ...]]]:
-    """Each ticker of an exchange's page: what identifies it (the exchange, its ``coin_id`` or base, its
-    ``target_coin_id`` or target: two coins sharing a symbol are two tickers) and the coins it names."""
-    found = []
-    for ticker in tickers:
-        if not isinstance(ticker, dict):
-            continue
-        market = ticker.get("market")
-        identifier = market.get("identifier") if isinstance(market, dict) else None
-        identifier = identifier if isinstance(identifier, str) and identifier else exchange_id
-        base_id, target_id = ticker.get("coin_id"), ticker.get("target_coin_id")
-        named = tuple(coin_id for coin_id in (base_id, target_id)
-                      if isinstance(coin_id, str) and coin_id and storable(coin_id))
-        base = base_id if isinstance(base_id, str) and base_id else ticker.get("base")
-        target = target_id if isinstance(target_id, str) and target_id else ticker.get("target")
-        key = (_escaped(identifier), _escaped(base) if isinstance(base, str) else None,
-               _escaped(target) if isinstance(target, str) else None)
-        found.append((key, tuple(dict.fromkeys(named))))
-    return found
-
-
-def _escaped(text: str) -> str:
-    return text if storable(text) else ascii(text)
-
-
-def _total_from_headers(headers) -> int | None:
-    raw = headers.get("total", "").strip()
-    if len(raw) > MAX_TOTAL_DIGITS and raw.isdigit():
-        raise _BadAnswer(f"a 'total' header of {len(raw)} digits is not a count of tickers")
-    try:
-        total = int(raw)
-    except ValueError:
-        return None
-    return total if total >= 0 else None
-
-
-def _pages_from_headers(headers) -> int | None:
-    """Pages that cover the ``total`` header (else the ``Link`` header's last page), or None."""
-    total = _total_from_headers(headers)
-    if total is None:
-        last = LAST_PAGE.search(headers.get("link", ""))
-        return int(last.group(1)) if last else None
-    try:
-        per_page = int(headers.get("per-page", PAGE_SIZE))
-    except ValueError:
-        per_page = PAGE_SIZE
-    return -(-total // per_page) if per_page > 0 else None
-
-
-def _last_page(page: int, count: int, pages_needed: int | None, from_total: bool) -> bool:
-    """Whether ``page`` is the last: the pages cover ``total``; without it, a page short of 100 (or
-    the ``Link`` header's last page, if that comes first) ends the coin."""
-    if pages_needed is not None and page >= pages_needed:
-        return True
-    return not (from_total and pages_needed is not None) and count < PAGE_SIZE
-
-
-def _cloudflare_code(response: requests.Response) -> int | None:
-    """The code of a Cloudflare error page ("error code: 1015"), or None for any other answer."""
-    if response.status_code == 200 or not _is_html(response):
-        return None
-    found = CLOUDFLARE_CODE.search(response.content[:20_000])
-    return int(found.group(1)) if found else None
-
-
-def _error_code(response: requests.Response) -> tuple[int | None, str]:
-    """CoinGecko's own ``{"status": {"error_code": N, "error_message": "..."}}``, if the answer is one."""
-    try:
-        status = response.json().get("status")
-        code, message = status.get("error_code"), status.get("error_message")
-    except (ValueError, AttributeError, RecursionError):
-        return None, ""
-    if not isinstance(code, int):
-        return None, ""
-    return code, str(message or "")[:200]
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, BodyTooLarge | UndecodableBody):
-        return str(_BadAnswer(str(exc)))
-    if isinstance(exc, CallTimedOut):
-        return str(exc)
-    cause = _os_error_text(exc)
-    if isinstance(exc, requests.Timeout):
-        return "timed out" + (f" ({cause})" if cause else "")
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return "the body was cut short"
-    if isinstance(exc, requests.ConnectionError):
-        return f"the connection failed ({cause})" if cause else "the connection failed or was dropped"
-    return str(exc)
-
-
-def _answer_result(response: requests.Response) -> str:
-    """What an answer was, for the metrics: ok (until its body proves bad), or why not."""
-    status = response.status_code
-    if status == 429 or _cloudflare_code(response) == 1015:
-        return "rate_limited"
-    if status == 200:
-        return "ok"
-    if status == 404:
-        return "not_found"
-    return "server_error" if status >= 500 else "refused"
-
-
-def _failure_result(exc: Exception) -> str:
-    if isinstance(exc, requests.Timeout):
-        return "timeout"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError
-                  | BodyTooLarge | UndecodableBody | _Transient):
-        return "bad_body"
-    return "connection"
-
-
-def _no_answer(exc: Exception) -> bool:
-    """True for a call that got no HTTP answer at all: refused, unresolvable, timed out."""
-    return isinstance(exc, (requests.Timeout, requests.ConnectionError)) and not isinstance(
-        exc, requests.exceptions.ChunkedEncodingError
-    )
-
-
-def _os_error_text(exc: BaseException) -> str | None:
-    """The operating system's words for what went wrong under a requests error ("Connection refused")."""
-    todo, seen = [exc], set()
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return current.strerror
-        todo.extend(
-            link for link in (getattr(current, "reason", None), current.__cause__, current.__context__, *current.args)
-            if isinstance(link, BaseException)
-        )
-    return None

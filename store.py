@@ -21,7 +21,7 @@ from coin_ids import MAX_ID_LENGTH, all_plain, malformed_reason, shown_id, store
 from credits import Credits
 
 if TYPE_CHECKING:
-    from coingecko_client import SlotBook
+    from rate_limit import SlotBook
 
 log = logging.getLogger(__name__)
 

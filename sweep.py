@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from coingecko_answers import PAGE_SIZE
 from coingecko_client import (
-    PAGE_SIZE,
     Cancelled,
     CoinFetchError,
     CoinGeckoClient,

@@ -22,12 +22,12 @@ from coingecko_client import (
     CoinGeckoError,
     CoinNotFound,
     CreditsExhausted,
-    Pause,
     Retrieval,
     Stopped,
     UpstreamUnavailable,
 )
 from credits import iso
+from rate_limit import Pause
 from store import DONE, FAILED, Claim, Outcome, Store, StoreError
 from sweep import Sweeper
 

@@ -13,9 +13,10 @@ import pytest
 import requests
 
 from app import create_app
-from coingecko_client import MAX_RETRY_AFTER, CoinFetchError, CoinGeckoClient
+from coingecko_client import CoinFetchError, CoinGeckoClient
 from config import Config
 from hostile_upstream import FORMULA_IDS, HostileUpstream
+from rate_limit import MAX_RETRY_AFTER
 from store import DONE, FAILED
 from support import rss_mb, service, wait_complete, worker_pid
 from worker import Worker

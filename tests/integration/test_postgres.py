@@ -13,9 +13,9 @@ import time
 import pytest
 
 from app import create_app
-from coingecko_client import SPACING_MARGIN, RateLimiter
 from config import Config
 from credits import month_of
+from rate_limit import SPACING_MARGIN, RateLimiter
 from store import DONE, QUEUED, RUNNING, Outcome, StoreError
 from stores.postgres import PostgresStore
 from stores.postgres_connector import display_url

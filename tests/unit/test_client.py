@@ -15,10 +15,9 @@ from coingecko_client import (
     CoinFetchError,
     CoinGeckoClient,
     CoinNotFound,
-    RateLimiter,
     UpstreamUnavailable,
-    parse_retry_after,
 )
+from rate_limit import RateLimiter, parse_retry_after
 
 API = "https://cg.test/api/v3"
 KEY = "CG-secret-key-123"

@@ -36,10 +36,8 @@ from pathlib import Path
 import requests
 
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from postgres_server import reset, throwaway_server, unavailable_reason  # noqa: E402
-from support import eventually, free_port, rss_mb, running, service, worker_pid  # noqa: E402  (the tests' process helpers)
+from harness.postgres_server import reset, throwaway_server, unavailable_reason
+from harness.processes import eventually, free_port, rss_mb, running, service, worker_pid
 
 log = logging.getLogger("bench")
 
@@ -174,11 +172,7 @@ def serve_floor(path: str, port: int) -> None:
     floor = Flask("floor")
     floor.add_url_rule("/coins", view_func=lambda: Response(body, mimetype="application/json"))
 
-    class Floor(EmbeddedServer):
-        def load(self):
-            return floor
-
-    Floor(Config(port=port)).run()
+    EmbeddedServer(Config(port=port), lambda _config: floor).run()
 
 
 def p50_p95(values: list[float]) -> tuple[float, float]:

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, KeysView, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from credits import MemoryLedger
 from store import (
@@ -24,14 +24,14 @@ from store import (
     Claim,
     CoinRecord,
     Outcome,
+    SubmissionPlan,
     SubmitResult,
     SweepProgress,
     as_record,
-    finished_record,
     new_batch_id,
-    plan_submission,
     require_open,
 )
+from stores.applying import apply_outcome, apply_submission
 from stores.tallies import TalliedStore, Tallies
 
 
@@ -125,28 +125,7 @@ class MemoryStore(TalliedStore):
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
                refresh: bool = False) -> SubmitResult:
         with self._lock:
-            batch = self._open_batch(batch_id)
-            batch_id = batch.id if batch else new_batch_id()
-            plan = plan_submission(batch_id, coin_ids, self._next_task_run, self._coins, refresh)
-            if batch is None:
-                batch = self._batches[plan.result.batch] = _MemoryBatch(plan.result.batch, self._clock())
-                self._tallies.batch_added(batch.id)
-            self._coins.add_queued(plan.new_ids, plan.new_runs)
-            self._queue.add_highest(plan.new_runs, plan.new_ids)
-            self._tallies.queued_coins_added(plan.new_runs)
-            for coin_id, task_run, reason in plan.new_invalid:
-                self._set(CoinRecord(coin_id, task_run, INVALID, error=reason))
-            for coin_id in plan.retried:
-                record = self._set(CoinRecord(coin_id, self._coins[coin_id].task_run, QUEUED))
-                self._queue.push(record.task_run, coin_id)
-            for coin_id in plan.refreshed:
-                self._queue_refresh(self._coins[coin_id])
-            batch.entries.extend(plan.entries)
-            self._tallies.submission_added(batch.id, plan.entries, plan.queues_only_new_coins)
-            batch.closed = batch.closed or close
-            self._next_task_run = plan.next_task_run
-            self._version += 1
-            return plan.result
+            return apply_submission(_MemorySubmission(self), coin_ids, batch_id, close, refresh, self._tallies)
 
     def _set(self, record: CoinRecord) -> CoinRecord:
         """Store ``record``, telling the tallies what changed."""
@@ -252,21 +231,7 @@ class MemoryStore(TalliedStore):
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
         with self._lock:
-            record = self._claimed(claim)
-            if record is None:
-                return False
-            if outcome.status == DONE:
-                outcome = replace(outcome, exchanges=self._shared_exchanges(outcome.exchanges))
-            finished = self._set(finished_record(record, outcome, self._clock()))
-            del self._claims[claim.coin_id]
-            self._first_pass.pop(claim.coin_id, None)
-            if outcome.status == DONE:
-                self._tallies.list_coin(finished.id, finished.task_run, finished.exchanges, finished.fetched_at,
-                                        record.exchanges or ())
-                self._version += 1
-            elif finished.refreshing is False and finished.status == DONE:
-                self._tallies.aged(finished.task_run, finished.fetched_at)
-            return True
+            return apply_outcome(_MemoryFinish(self, claim), outcome, self._clock(), self._tallies)
 
     def _shared_exchanges(self, exchanges: tuple[str, ...]) -> tuple[str, ...]:
         lists = self._exchange_lists
@@ -445,3 +410,71 @@ class _MemoryBatch:
     created: float
     closed: bool = False
     entries: BatchEntries = field(default_factory=BatchEntries)
+
+
+class _MemorySubmission:
+    """A submission's writes (see ``stores.applying``), under the store's lock."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._batch: _MemoryBatch | None = None
+
+    def open_batch(self, batch_id: str | None) -> tuple[str, bool]:
+        store = self._store
+        self._batch = store._open_batch(batch_id)
+        if self._batch is not None:
+            return self._batch.id, False
+        self._batch = _MemoryBatch(new_batch_id(), store._clock())
+        store._batches[self._batch.id] = self._batch
+        return self._batch.id, True
+
+    def next_task_run(self) -> int:
+        return self._store._next_task_run
+
+    def known(self, coin_ids: Sequence[str]) -> RecordTable:
+        return self._store._coins
+
+    def add_coins(self, plan: SubmissionPlan) -> None:
+        coins = self._store._coins
+        coins.add_queued(plan.new_ids, plan.new_runs)
+        self._store._queue.add_highest(plan.new_runs, plan.new_ids)
+        for coin_id, task_run, reason in plan.new_invalid:
+            coins[coin_id] = CoinRecord(coin_id, task_run, INVALID, error=reason)
+
+    def requeue(self, coin_ids: list[str]) -> None:
+        coins, queue = self._store._coins, self._store._queue
+        for coin_id in coin_ids:
+            record = coins[coin_id]
+            if record.status == DONE:
+                coins[coin_id] = record._replace(status=QUEUED, refreshing=True, error=None)
+            else:
+                coins[coin_id] = CoinRecord(coin_id, record.task_run, QUEUED)
+            queue.push(record.task_run, coin_id)
+
+    def add_entries(self, batch_id: str, entries: BatchEntries, close: bool) -> None:
+        self._batch.entries.extend(entries)
+        self._batch.closed = self._batch.closed or close
+
+    def set_next_task_run(self, task_run: int) -> None:
+        self._store._next_task_run = task_run
+        self._store._version += 1
+
+
+class _MemoryFinish:
+    """A claimed coin's writes (see ``stores.applying``), under the store's lock."""
+
+    def __init__(self, store: MemoryStore, claim: Claim) -> None:
+        self._store, self._claim = store, claim
+
+    def claimed(self) -> CoinRecord | None:
+        return self._store._claimed(self._claim)
+
+    def write_finished(self, record: CoinRecord, listed: bool) -> CoinRecord:
+        store, coin_id = self._store, self._claim.coin_id
+        if listed:
+            record = record._replace(exchanges=store._shared_exchanges(record.exchanges))
+            store._version += 1
+        store._coins[coin_id] = record
+        del store._claims[coin_id]
+        store._first_pass.pop(coin_id, None)
+        return record

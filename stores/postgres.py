@@ -49,12 +49,12 @@ from store import (
     CoinRecord,
     Outcome,
     Store,
+    SubmissionPlan,
     SubmitResult,
-    finished_record,
     new_batch_id,
-    plan_submission,
     require_open,
 )
+from stores.applying import apply_outcome, apply_submission
 from stores.postgres_connector import PostgresConnector, error_line
 from stores.postgres_schema import BULK_COUNTED, ENDED
 from stores.postgres_shared import NOW, PostgresSlots, SharedCredits
@@ -131,41 +131,8 @@ class PostgresStore(PostgresSweeps, Store):
 
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
                refresh: bool = False) -> SubmitResult:
-        def work(conn: psycopg.Connection) -> SubmitResult:
-            next_task_run = self._lock_state(conn)
-            batch, first = batch_id, 1
-            if batch is not None:
-                row = conn.execute("SELECT closed, submitted FROM batches WHERE id = %s FOR NO KEY UPDATE",
-                                   (batch,)).fetchone()
-                require_open(batch, None if row is None else bool(row[0]))
-                first = row[1] + 1
-            else:
-                batch = new_batch_id()
-                conn.execute("INSERT INTO batches (id, created) VALUES (%s, %s)", (batch, self._clock()))
-            known = {record.id: record for record in self._known(conn, stored_ids(coin_ids))}
-            plan = plan_submission(batch, coin_ids, next_task_run, known, refresh)
-            again = plan.refreshed + plan.retried
-            if again:
-                self._move_in_bulk(conn, again, "UPDATE coins SET status = %s, error = NULL, refreshing = (status = %s)"
-                                   " WHERE id = ANY(%s)", (QUEUED, DONE, again))
-            with conn.cursor().copy("COPY coins (id, task_run, status, error) FROM STDIN") as copy:
-                copy.write("".join([f"{coin_id}\t{task_run}\t{QUEUED}\t\\N\n" for coin_id, task_run in plan.new_coins]
-                                   + [f"{copy_field(coin_id)}\t{task_run}\t{INVALID}\t{copy_field(reason)}\n"
-                                      for coin_id, task_run, reason in plan.new_invalid]))
-            self._count_inserted(conn, {QUEUED: len(plan.new_runs), INVALID: len(plan.new_invalid)})
-            entries = plan.entries
-            with conn.cursor().copy(
-                "COPY batch_entries (batch_id, position, coin_id, task_run, kind) FROM STDIN"
-            ) as copy:
-                copy.write(entry_rows(batch, first, entries))
-            conn.execute(
-                "UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, coins = coins + %s,"
-                " malformed = malformed + %s, duplicates = duplicates + %s WHERE id = %s",
-                (close, len(entries), entries.count(COIN), entries.count(MALFORMED), entries.count(DUPLICATE), batch))
-            conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (plan.next_task_run,))
-            return plan.result
-
-        return self._db.write(work)
+        return self._db.write(
+            lambda conn: apply_submission(_PostgresSubmission(self, conn), coin_ids, batch_id, close, refresh))
 
     def refresh_coins(self, coin_ids: Sequence[str]) -> int:
         return self._db.execute(
@@ -269,23 +236,8 @@ class PostgresStore(PostgresSweeps, Store):
         state row first, as every change that moves the listing's version."""
 
         def work(conn: psycopg.Connection) -> None:
-            with conn.pipeline():
-                conn.execute("UPDATE state SET version = version + %s", (int(outcome.status == DONE),))
-                row = conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s AND status = %s"
-                                   " AND claim = %s FOR UPDATE", (claim.coin_id, RUNNING, claim.token)).fetchone()
-                if row is None:
-                    raise _StaleClaim
-                current = _record(row)
-                record = finished_record(current, outcome, self._clock())
-                conn.execute(
-                    "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
-                    " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s,"
-                    " refreshing = FALSE, source = %s,"
-                    " listed_seq = CASE WHEN %s THEN nextval('listing_changes') ELSE listed_seq END WHERE id = %s",
-                    (record.status, list(record.exchanges) if record.exchanges is not None else None,
-                     record.error, record.fetched_at, record.tickers, record.total, record.complete,
-                     record.source, outcome.status == DONE, claim.coin_id),
-                )
+            if not apply_outcome(_PostgresFinish(conn, claim, outcome.status == DONE), outcome, self._clock()):
+                raise _StaleClaim
 
         try:
             self._db.write(work)
@@ -504,6 +456,84 @@ class PostgresStore(PostgresSweeps, Store):
     def close(self) -> None:
         self._stop.set()
         self._db.close()
+
+
+class _PostgresSubmission:
+    """A submission's writes (see ``stores.applying``), in one transaction that holds the state row."""
+
+    def __init__(self, store: PostgresStore, conn: psycopg.Connection) -> None:
+        self._store, self._conn = store, conn
+        self._next_task_run = store._lock_state(conn)
+        self._first_entry = 1
+
+    def open_batch(self, batch_id: str | None) -> tuple[str, bool]:
+        if batch_id is not None:
+            row = self._conn.execute("SELECT closed, submitted FROM batches WHERE id = %s FOR NO KEY UPDATE",
+                                     (batch_id,)).fetchone()
+            require_open(batch_id, None if row is None else bool(row[0]))
+            self._first_entry = row[1] + 1
+            return batch_id, False
+        batch_id = new_batch_id()
+        self._conn.execute("INSERT INTO batches (id, created) VALUES (%s, %s)", (batch_id, self._store._clock()))
+        return batch_id, True
+
+    def next_task_run(self) -> int:
+        return self._next_task_run
+
+    def known(self, coin_ids: Sequence[str]) -> dict[str, CoinRecord]:
+        return {record.id: record for record in self._store._known(self._conn, stored_ids(coin_ids))}
+
+    def requeue(self, coin_ids: list[str]) -> None:
+        self._store._move_in_bulk(self._conn, coin_ids, "UPDATE coins SET status = %s, error = NULL,"
+                                  " refreshing = (status = %s) WHERE id = ANY(%s)", (QUEUED, DONE, coin_ids))
+
+    def add_coins(self, plan: SubmissionPlan) -> None:
+        with self._conn.cursor().copy("COPY coins (id, task_run, status, error) FROM STDIN") as copy:
+            copy.write("".join([f"{coin_id}\t{task_run}\t{QUEUED}\t\\N\n" for coin_id, task_run in plan.new_coins]
+                               + [f"{copy_field(coin_id)}\t{task_run}\t{INVALID}\t{copy_field(reason)}\n"
+                                  for coin_id, task_run, reason in plan.new_invalid]))
+        self._store._count_inserted(self._conn, {QUEUED: len(plan.new_runs), INVALID: len(plan.new_invalid)})
+
+    def add_entries(self, batch_id: str, entries: BatchEntries, close: bool) -> None:
+        with self._conn.cursor().copy(
+            "COPY batch_entries (batch_id, position, coin_id, task_run, kind) FROM STDIN"
+        ) as copy:
+            copy.write(entry_rows(batch_id, self._first_entry, entries))
+        self._conn.execute(
+            "UPDATE batches SET closed = closed OR %s, submitted = submitted + %s, coins = coins + %s,"
+            " malformed = malformed + %s, duplicates = duplicates + %s WHERE id = %s",
+            (close, len(entries), entries.count(COIN), entries.count(MALFORMED), entries.count(DUPLICATE),
+             batch_id))
+
+    def set_next_task_run(self, task_run: int) -> None:
+        self._conn.execute("UPDATE state SET next_task_run = %s, version = version + 1", (task_run,))
+
+
+class _PostgresFinish:
+    """A claimed coin's writes (see ``stores.applying``): the state row first, the coin's row locked."""
+
+    def __init__(self, conn: psycopg.Connection, claim: Claim, listed: bool) -> None:
+        self._conn, self._claim, self._listed = conn, claim, listed
+
+    def claimed(self) -> CoinRecord | None:
+        with self._conn.pipeline():
+            self._conn.execute("UPDATE state SET version = version + %s", (int(self._listed),))
+            row = self._conn.execute(f"SELECT {RECORD_COLUMNS} FROM coins WHERE id = %s AND status = %s"
+                                     " AND claim = %s FOR UPDATE",
+                                     (self._claim.coin_id, RUNNING, self._claim.token)).fetchone()
+        return None if row is None else _record(row)
+
+    def write_finished(self, record: CoinRecord, listed: bool) -> CoinRecord:
+        self._conn.execute(
+            "UPDATE coins SET status = %s, exchanges = %s, error = %s, claim = 0, lease_until = NULL,"
+            " first_pass = NULL, fetched_at = %s, tickers = %s, total = %s, complete = %s,"
+            " refreshing = FALSE, source = %s,"
+            " listed_seq = CASE WHEN %s THEN nextval('listing_changes') ELSE listed_seq END WHERE id = %s",
+            (record.status, list(record.exchanges) if record.exchanges is not None else None,
+             record.error, record.fetched_at, record.tickers, record.total, record.complete,
+             record.source, listed, record.id),
+        )
+        return record
 
 
 class _StaleClaim(Exception):

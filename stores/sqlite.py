@@ -21,7 +21,6 @@ from coin_ids import stored_ids
 from store import (
     COIN_MASK,
     DONE,
-    FAILED,
     INVALID,
     QUEUED,
     RUNNING,
@@ -35,95 +34,17 @@ from store import (
     StoreUnavailable,
     SubmissionPlan,
     SubmitResult,
-    finished_record,
     new_batch_id,
-    plan_submission,
     require_open,
 )
+from stores.applying import apply_outcome, apply_submission
+from stores.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from stores.sqlite_sweep import SqliteSweeps
 from stores.tallies import TalliedStore, Tallies
 
 log = logging.getLogger(__name__)
 
 
-# MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction; a later
-# release appends a step, and a user's file is brought up to date when the service starts.
-MIGRATIONS = [
-    """
-CREATE TABLE coins (
-    id TEXT PRIMARY KEY,
-    task_run INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    exchanges TEXT,
-    error TEXT
-);
-CREATE INDEX coins_by_status ON coins (status, task_run);
-CREATE TABLE batches (
-    id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    closed INTEGER NOT NULL DEFAULT 0,
-    position INTEGER NOT NULL
-);
-CREATE TABLE batch_entries (
-    batch_id TEXT NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    coin_id TEXT NOT NULL,
-    task_run INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    PRIMARY KEY (batch_id, position)
-);
-CREATE INDEX batch_entries_by_coin ON batch_entries (coin_id);
-CREATE TABLE counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT INTO counters (name, value) VALUES ('next_task_run', 1), ('next_batch_position', 1);
-""",
-    # 2: the token of the claim a running coin is under, so that a cancelled claim cannot land.
-    """
-ALTER TABLE coins ADD COLUMN claim INTEGER NOT NULL DEFAULT 0;
-""",
-    # 3: page drift (a coin waits, with its first pass), a done coin's facts, and the credit count.
-    """
-ALTER TABLE coins ADD COLUMN not_before REAL;
-ALTER TABLE coins ADD COLUMN first_pass TEXT;
-ALTER TABLE coins ADD COLUMN fetched_at REAL;
-ALTER TABLE coins ADD COLUMN tickers INTEGER;
-ALTER TABLE coins ADD COLUMN total INTEGER;
-ALTER TABLE coins ADD COLUMN complete INTEGER;
-CREATE TABLE credits (month TEXT PRIMARY KEY, used INTEGER NOT NULL);
-""",
-    # 4: a done coin fetched again stays listed with its previous exchanges while it is queued.
-    """
-ALTER TABLE coins ADD COLUMN refreshing INTEGER NOT NULL DEFAULT 0;
-""",
-    # 5: a submission's entries in one row, as the three columns the store keeps them in (BatchEntries),
-    # rather than a row (and three B-tree insertions) for each: a POST of 50,000 IDs writes one row.
-    # The kinds are KIND_CODES, one byte an entry; a file's older entries become one part each.
-    """
-CREATE TABLE batch_parts (
-    batch_id TEXT NOT NULL,
-    first INTEGER NOT NULL,
-    coin_ids TEXT NOT NULL,
-    task_runs TEXT NOT NULL,
-    kinds BLOB NOT NULL,
-    PRIMARY KEY (batch_id, first)
-) WITHOUT ROWID;
-INSERT INTO batch_parts
-    SELECT batch_id, position, json_array(coin_id), json_array(task_run),
-           CASE kind WHEN 'coin' THEN x'00' WHEN 'duplicate' THEN x'01' ELSE x'02' END
-    FROM batch_entries;
-DROP TABLE batch_entries;
-""",
-    # A done record's source (NULL: its own pages, as before sweeps); a sweep under way, for a restart.
-    """
-ALTER TABLE coins ADD COLUMN source TEXT;
-CREATE TABLE sweep (id INTEGER PRIMARY KEY CHECK (id = 1), started REAL NOT NULL, exchanges TEXT NOT NULL);
-CREATE TABLE sweep_exchanges (exchange_id TEXT PRIMARY KEY, state TEXT NOT NULL);
-CREATE TABLE sweep_history (id INTEGER PRIMARY KEY CHECK (id = 1), last_calls INTEGER);
-""",
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class SqliteStore(SqliteSweeps, TalliedStore):
@@ -254,14 +175,6 @@ class SqliteStore(SqliteSweeps, TalliedStore):
             entries.kinds += kinds
         return entries
 
-    def _add_entries(self, batch_id: str, entries: BatchEntries) -> None:
-        if entries:
-            self._conn.execute(
-                "INSERT INTO batch_parts (batch_id, first, coin_ids, task_runs, kinds) VALUES (?, ?, ?, ?, ?)",
-                (batch_id, self._tallies.submitted(batch_id) + 1, json.dumps(entries.coin_ids),
-                 json.dumps(entries.task_runs), bytes(entries.kinds)),
-            )
-
     def _counter(self, name: str) -> int:
         return self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
 
@@ -291,39 +204,7 @@ class SqliteStore(SqliteSweeps, TalliedStore):
     def submit(self, coin_ids: Sequence[str], batch_id: str | None = None, close: bool = False,
                refresh: bool = False) -> SubmitResult:
         with self._lock, self._transaction() as conn:
-            if batch_id is not None:
-                row = conn.execute("SELECT closed FROM batches WHERE id = ?", (batch_id,)).fetchone()
-                require_open(batch_id, None if row is None else bool(row[0]))
-            else:
-                batch_id = new_batch_id()
-                position = self._counter("next_batch_position")
-                conn.execute(
-                    "INSERT INTO batches (id, created, position) VALUES (?, ?, ?)", (batch_id, self._clock(), position)
-                )
-                self._set_counter("next_batch_position", position + 1)
-                self._tallies.batch_added(batch_id)
-            known = {record.id: record for record in self._fetch(stored_ids(coin_ids))}
-            plan = plan_submission(batch_id, coin_ids, self._counter("next_task_run"), known, refresh)
-            conn.executemany(
-                "UPDATE coins SET status = ?, refreshing = 1, error = NULL WHERE id = ?",
-                [(QUEUED, coin_id) for coin_id in plan.refreshed],
-            )
-            self._insert_new_coins(plan)
-            conn.executemany(
-                "INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
-                [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid],
-            )
-            conn.executemany(
-                "UPDATE coins SET status = ?, error = NULL WHERE id = ?",
-                [(QUEUED, coin_id) for coin_id in plan.retried],
-            )
-            self._add_entries(batch_id, plan.entries)
-            if close:
-                conn.execute("UPDATE batches SET closed = 1 WHERE id = ?", (batch_id,))
-            self._set_counter("next_task_run", plan.next_task_run)
-            self._tally_submission(plan)
-            self._version += 1
-            return plan.result
+            return apply_submission(_SqliteSubmission(self, conn), coin_ids, batch_id, close, refresh, self._tallies)
 
     def _insert_new_coins(self, plan: SubmissionPlan) -> None:
         """The never-seen coins, queued, from one JSON text: their IDs alone when their numbers run on
@@ -336,19 +217,6 @@ class SqliteStore(SqliteSweeps, TalliedStore):
         elif runs:
             self._conn.execute("INSERT INTO coins (id, task_run, status) SELECT key, value, ? FROM json_each(?)",
                                (QUEUED, json.dumps(dict(plan.new_coins))))
-
-    def _tally_submission(self, plan: SubmissionPlan) -> None:
-        tallies = self._tallies
-        tallies.queued_coins_added(plan.new_runs)
-        for coin_id, task_run, _ in plan.new_invalid:
-            tallies.coin_added(coin_id, task_run, INVALID)
-        if not plan.queues_only_new_coins:
-            runs = dict(zip(plan.entries.coin_ids, plan.entries.task_runs, strict=True))
-            for coin_id in plan.retried:
-                tallies.coin_changed(coin_id, runs[coin_id], FAILED, QUEUED)
-            for coin_id in plan.refreshed:
-                tallies.coin_changed(coin_id, runs[coin_id], DONE, QUEUED)
-        tallies.submission_added(plan.result.batch, plan.entries, plan.queues_only_new_coins)
 
     def claim_next(self) -> Claim | None:
         with self._lock, self._transaction() as conn:
@@ -368,27 +236,7 @@ class SqliteStore(SqliteSweeps, TalliedStore):
 
     def finish(self, claim: Claim, outcome: Outcome) -> bool:
         with self._lock, self._transaction() as conn:
-            current = self._lookup(claim.coin_id)
-            if claim.generation != self._generation or current is None:
-                return False
-            record = finished_record(current, outcome, self._clock())
-            exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
-            updated = conn.execute(
-                "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
-                " fetched_at = ?, tickers = ?, total = ?, complete = ?, refreshing = 0, source = ?"
-                " WHERE id = ? AND status = ? AND claim = ?",
-                (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
-                 record.complete, record.source, claim.coin_id, RUNNING, claim.token),
-            ).rowcount
-            if updated:
-                self._tallies.coin_changed(claim.coin_id, claim.task_run, RUNNING, record.status)
-                if outcome.status == DONE:
-                    self._tallies.list_coin(record.id, record.task_run, record.exchanges, record.fetched_at,
-                                            current.exchanges or ())
-                    self._version += 1
-                elif record.status == DONE:
-                    self._tallies.aged(record.task_run, record.fetched_at)
-            return bool(updated)
+            return apply_outcome(_SqliteFinish(self, conn, claim), outcome, self._clock(), self._tallies)
 
     def refresh_coins(self, coin_ids: Sequence[str]) -> int:
         with self._lock, self._transaction() as conn:
@@ -603,3 +451,80 @@ def _lock_exclusively(path: str, wait: float):
 
 MEMORY_PATH = ":memory:"
 FETCH_CHUNK = 500
+
+
+class _SqliteSubmission:
+    """A submission's writes (see ``stores.applying``), in the store's transaction."""
+
+    def __init__(self, store: SqliteStore, conn: sqlite3.Connection) -> None:
+        self._store, self._conn = store, conn
+        self._first_entry = 1
+
+    def open_batch(self, batch_id: str | None) -> tuple[str, bool]:
+        conn, store = self._conn, self._store
+        if batch_id is not None:
+            row = conn.execute("SELECT closed FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            require_open(batch_id, None if row is None else bool(row[0]))
+            self._first_entry = store._tallies.submitted(batch_id) + 1
+            return batch_id, False
+        batch_id, position = new_batch_id(), store._counter("next_batch_position")
+        conn.execute("INSERT INTO batches (id, created, position) VALUES (?, ?, ?)",
+                     (batch_id, store._clock(), position))
+        store._set_counter("next_batch_position", position + 1)
+        return batch_id, True
+
+    def next_task_run(self) -> int:
+        return self._store._counter("next_task_run")
+
+    def known(self, coin_ids: Sequence[str]) -> dict[str, CoinRecord]:
+        return {record.id: record for record in self._store._fetch(stored_ids(coin_ids))}
+
+    def add_coins(self, plan: SubmissionPlan) -> None:
+        self._store._insert_new_coins(plan)
+        self._conn.executemany("INSERT INTO coins (id, task_run, status, error) VALUES (?, ?, ?, ?)",
+                               [(coin_id, task_run, INVALID, reason) for coin_id, task_run, reason in plan.new_invalid])
+
+    def requeue(self, coin_ids: list[str]) -> None:
+        self._conn.executemany("UPDATE coins SET status = ?, refreshing = (status = ?), error = NULL WHERE id = ?",
+                               [(QUEUED, DONE, coin_id) for coin_id in coin_ids])
+
+    def add_entries(self, batch_id: str, entries: BatchEntries, close: bool) -> None:
+        if entries:
+            self._conn.execute(
+                "INSERT INTO batch_parts (batch_id, first, coin_ids, task_runs, kinds) VALUES (?, ?, ?, ?, ?)",
+                (batch_id, self._first_entry, json.dumps(entries.coin_ids), json.dumps(entries.task_runs),
+                 bytes(entries.kinds)),
+            )
+        if close:
+            self._conn.execute("UPDATE batches SET closed = 1 WHERE id = ?", (batch_id,))
+
+    def set_next_task_run(self, task_run: int) -> None:
+        self._store._set_counter("next_task_run", task_run)
+        self._store._version += 1
+
+
+class _SqliteFinish:
+    """A claimed coin's writes (see ``stores.applying``), in the store's transaction."""
+
+    def __init__(self, store: SqliteStore, conn: sqlite3.Connection, claim: Claim) -> None:
+        self._store, self._conn, self._claim = store, conn, claim
+
+    def claimed(self) -> CoinRecord | None:
+        if self._claim.generation != self._store._generation:
+            return None
+        return self._store._lookup(self._claim.coin_id)
+
+    def write_finished(self, record: CoinRecord, listed: bool) -> CoinRecord | None:
+        exchanges = json.dumps(list(record.exchanges)) if record.exchanges is not None else None
+        updated = self._conn.execute(
+            "UPDATE coins SET status = ?, exchanges = ?, error = ?, claim = 0, first_pass = NULL,"
+            " fetched_at = ?, tickers = ?, total = ?, complete = ?, refreshing = 0, source = ?"
+            " WHERE id = ? AND status = ? AND claim = ?",
+            (record.status, exchanges, record.error, record.fetched_at, record.tickers, record.total,
+             record.complete, record.source, record.id, RUNNING, self._claim.token),
+        ).rowcount
+        if not updated:
+            return None
+        if listed:
+            self._store._version += 1
+        return record

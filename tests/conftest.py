@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import postgres_server as postgres_server_module
 from app import create_app
 from coingecko_client import CoinGeckoClient
 from config import Config
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
+from harness import postgres_server as postgres_server_module
 from support import fast_client, open_test_store, require
 from worker import Worker
 

@@ -104,6 +104,32 @@ def test_the_image_runs_as_a_user_answers_passes_its_healthcheck_and_retrieves(i
     assert (status, seconds < 10) == (0, True)
 
 
+def test_the_image_stays_healthy_through_an_upstream_outage_while_healthz_reports_it(image, containers):
+    """A CoinGecko outage makes ``/healthz`` 503, yet the image's own HEALTHCHECK (``/livez``) passes, so an
+    orchestrator restarts nothing; the coins wait and are retrieved when the upstream returns."""
+    port, upstream_port = free_port(), free_port()
+    name = containers()
+    run(image, name, {"PORT": str(port), "COINGECKO_API_URL": f"http://127.0.0.1:{upstream_port}/api/v3",
+                      "COINGECKO_RATE_LIMIT": "6000", "COINGECKO_MAX_ATTEMPTS": "2", "WORKER_PAUSE_SECONDS": "0.5"})
+    url = f"http://127.0.0.1:{port}"
+    answering(url, 10)
+    batch = requests.post(f"{url}/coins", json={"coins": ["bitcoin", "tether"]}).json()["batch"]
+    reason = eventually(lambda: requests.get(f"{url}/healthz", timeout=5).json()["worker"].get("reason"),
+                        20, "the worker to pause on the outage")
+    during = requests.get(f"{url}/healthz", timeout=5).status_code
+    checks = [engine("healthcheck", "run", name, check=False).returncode for _ in range(3)]
+    with FakeCoinGecko(data=FakeData(coins=10), port=upstream_port):
+        view = wait_complete(url, batch, timeout=60)
+        after = requests.get(f"{url}/healthz", timeout=5).status_code
+    started = engine("inspect", "--format", "{{.State.StartedAt}} {{.RestartCount}}", name).stdout.split()
+    status, _ = stop(name)
+
+    assert f"cannot reach 127.0.0.1:{upstream_port}" in reason
+    assert (during, checks, after) == (503, [0, 0, 0], 200)
+    assert (view["done"], view["failed"]) == (2, 0)
+    assert started[-1] == "0" and status == 0
+
+
 def test_the_demo_command_stops_with_status_0(image, containers):
     port, fake_port = free_port(), free_port()
     name = containers()

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from support import free_port
+from harness.processes import free_port
 
 ENV_URL = "COINS_TEST_POSTGRES"
 

@@ -498,8 +498,9 @@ class Store(ABC):
         returns how many were queued."""
 
     @abstractmethod
-    def begin_sweep(self, exchanges: list[str], started: float) -> None:
-        """Keep a new sweep's list of exchanges (replacing any sweep kept before)."""
+    def begin_sweep(self, exchanges: list[str], started: float) -> bool:
+        """Keep a new sweep's list of exchanges, this process leading it; False if a sweep is under way
+        already (another process's, on a shared store)."""
 
     @abstractmethod
     def sweep_progress(self) -> SweepProgress | None:
@@ -542,6 +543,25 @@ class Store(ABC):
     def credits(self, limit: int | None) -> Credits:
         """The monthly credits the client spends, counted in this store."""
         return Credits(limit, ledger=self)
+
+    def lead_sweep(self) -> bool:
+        """Whether this process leads the sweep under way (claims its coins, records them, ends it), taking
+        the lead where its leader stopped renewing it. A store of one process: always."""
+        return True
+
+    def take_exchange(self, progress: SweepProgress, now: float) -> tuple[str, dict | None] | None:
+        """An exchange of the sweep to read now, and its state as kept (None: not begun); None when every
+        exchange not read is being read or waits for its second pass (``again_at``). On a shared store
+        the exchange is leased to this process, which keeps it while it keeps its state."""
+        ready = [(state["again_at"] if state else 0.0, position, exchange_id, state)
+                 for position, exchange_id in enumerate(progress.exchanges)
+                 if not (state := progress.states.get(exchange_id)) or not state["done"]]
+        ready = [item for item in ready if item[0] <= now]
+        return min(ready)[2:] if ready else None
+
+    def let_go_exchange(self, exchange_id: str) -> None:
+        """The end of this process's turn with an exchange (a pass read, or stopping): others may take it."""
+        return None
 
     def call_slots(self) -> SlotBook | None:
         """Where the client takes its call slots, if several processes must share them; None: its own."""

@@ -45,6 +45,8 @@ CALLS_PER_EXCHANGE = 2
 # A sample in which more than this share of coins differ from their own pages: the map is not trusted.
 DISTRUST_SHARE = 0.10
 IDLE_POLL = 5.0
+# How often a sweep's leader looks again at the exchanges others (or a second pass) still hold.
+SHARED_POLL = 1.0
 EXCHANGES_LIST_TTL = 600.0
 CLAIMED_AT_MOST = 1_000_000
 # How long stopping may spend putting a sweep's coins back; a durable store puts back the rest at start.
@@ -96,6 +98,7 @@ class Sweeper:
         self._distrust: str | None = None
         self._exchanges_listed: tuple[float, list[str]] | None = None
         self._logged_at = 0.0
+        self.passes_read = 0  # exchange passes this process read, in sweeps it led or helped
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -104,7 +107,10 @@ class Sweeper:
         while not self._stop.is_set():
             try:
                 progress = self.store.sweep_progress()
-                if progress is not None or self.is_due():
+                if progress is not None and not self.store.lead_sweep():
+                    self._quiet.set()
+                    self._help(progress)
+                elif progress is not None or self.is_due():
                     self.sweep(progress)
                     continue
             except (StoreError, UpstreamUnavailable) as exc:
@@ -208,20 +214,26 @@ class Sweeper:
     # -- sweeping ---------------------------------------------------------------------------
 
     def sweep(self, progress: SweepProgress | None = None) -> None:
-        """One sweep: claim the waiting coins, read every exchange not read yet, record, verify."""
+        """One sweep, led by this process: claim the waiting coins, read every exchange not read yet (with
+        any process sharing the store), record, verify."""
         generation = self.store.generation()
-        claims = self._claim_waiting()
-        if not claims and progress is None:
-            return
+        if progress is None:
+            exchanges = self._exchange_ids()
+            progress = SweepProgress(self._wall_clock(), exchanges)
+            if not self.store.begin_sweep(exchanges, progress.started):
+                self._quiet.set()
+                return
+            claims = self._claim_waiting()
+            if not claims:
+                self.store.end_sweep(None)
+                return
+        else:
+            claims = self._claim_waiting()
+            log.info("sweep: going on from %d of %d exchanges read (kept before the restart, or by a process "
+                     "that stopped)", sum(1 for state in progress.states.values() if state["done"]),
+                     len(progress.exchanges))
         try:
-            if progress is None:
-                exchanges = self._exchange_ids()
-                progress = SweepProgress(self._wall_clock(), exchanges)
-                self.store.begin_sweep(exchanges, progress.started)
-            else:
-                log.info("sweep: going on from %d of %d exchanges read (kept before the restart)",
-                         sum(1 for state in progress.states.values() if state["done"]), len(progress.exchanges))
-            self._read_exchanges(progress, generation)
+            progress = self._read_exchanges(progress, generation)
             calls = self._record(progress, claims, generation)
             self.store.end_sweep(calls)
         except (Stopped, Cancelled) as exc:
@@ -261,20 +273,53 @@ class Sweeper:
             log.info("%s; its coins are back in the queue", why)
         self._wake_workers()
 
-    def _read_exchanges(self, progress: SweepProgress, generation: int) -> None:
-        """Read every exchange of the sweep not read yet, keeping each page's progress; one whose pages
-        drifted is read again once CoinGecko's cache has turned, its coins the union of both passes."""
+    def _read_exchanges(self, progress: SweepProgress, generation: int) -> SweepProgress:
+        """Read every exchange of the sweep not read yet, here or by processes sharing the store; one
+        whose pages drifted is read again once CoinGecko's cache has turned, its coins the union of both
+        passes. Returns the sweep as the store keeps it once every exchange is read."""
         self._show(progress)
-        for exchange_id in progress.exchanges:
-            state = progress.states.setdefault(exchange_id, new_exchange_state())
-            if not state["done"] and state["pass"] == 1:
+        while True:
+            self._read_taken(progress, generation)
+            progress = self.store.sweep_progress()
+            if progress is None:
+                raise Cancelled("the sweep was ended")
+            pending = [progress.states.get(exchange_id) for exchange_id in progress.exchanges]
+            pending = [state for state in pending if state is None or not state["done"]]
+            if not pending:
+                return progress
+            self._show(progress)
+            soonest = min((state["again_at"] for state in pending if state is not None), default=0.0)
+            if self._stop.wait(min(SHARED_POLL, max(0.01, soonest - self._wall_clock()))):
+                raise Stopped("the service is stopping")
+            self._check_alive(generation)
+
+    def _read_taken(self, progress: SweepProgress, generation: int) -> None:
+        """Read exchanges as long as one is free to take (see ``Store.take_exchange``)."""
+        while (taken := self.store.take_exchange(progress, self._wall_clock())) is not None:
+            exchange_id, state = taken
+            state = progress.states[exchange_id] = state or new_exchange_state()
+            try:
                 self._read_pass(exchange_id, state, progress, generation)
-        for exchange_id in progress.exchanges:
-            state = progress.states[exchange_id]
-            if not state["done"]:
-                if self._stop.wait(max(0.0, state["again_at"] - self._wall_clock())):
-                    raise Stopped("the service is stopping")
-                self._read_pass(exchange_id, state, progress, generation)
+            finally:
+                self.store.let_go_exchange(exchange_id)
+            self.passes_read += 1
+
+    def _help(self, progress: SweepProgress) -> None:
+        """Read exchanges of a sweep another process leads (on a shared store) while any is free to take;
+        the leader records its coins."""
+        generation, before = self.store.generation(), self.passes_read
+        try:
+            self._read_taken(progress, generation)
+        except Cancelled:
+            pass
+        except _Abandoned as exc:
+            log.warning("sweep: %s; left to the process leading the sweep", exc)
+        finally:
+            with self._state_lock:
+                self._running = None
+        if self.passes_read > before:
+            log.info("sweep: read %d exchange pass(es) of the sweep another process leads",
+                     self.passes_read - before)
 
     def _read_pass(self, exchange_id: str, state: dict, progress: SweepProgress, generation: int) -> None:
         """Read the pages of one pass over ``exchange_id`` from where ``state`` stands, keeping it after

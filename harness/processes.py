@@ -108,6 +108,13 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return int(Path(f"/proc/{pid}/status").read_text().split(f"{field}:")[1].split()[0]) / 1024
 
 
+def pss_mb(pid: int) -> float:
+    """A process's proportional set size in MiB: its private pages, and each page it shares with others
+    divided among them (so a process group's PSS adds up to what it holds, where RSS counts shared pages
+    once a process)."""
+    return int(Path(f"/proc/{pid}/smaps_rollup").read_text().split("Pss:")[1].split()[0]) / 1024
+
+
 def fake_process(*args: str):
     """``python -m fake_coingecko`` on a free port."""
     port = free_port()

@@ -322,9 +322,10 @@ class MemoryStore(TalliedStore):
 
     # -- the sweep: kept for this process only --------------------------------------------------
 
-    def begin_sweep(self, exchanges: list[str], started: float) -> None:
+    def begin_sweep(self, exchanges: list[str], started: float) -> bool:
         with self._lock:
             self._sweep = SweepProgress(started, list(exchanges))
+            return True
 
     def sweep_progress(self) -> SweepProgress | None:
         with self._lock:

@@ -91,6 +91,7 @@ class PostgresStore(PostgresSweeps, Store):
         self._held_lock = threading.Lock()
         self._held: set[int] = set()
         self._stop = threading.Event()
+        self._start_sweep_leases()
         self._renewer = threading.Thread(target=self._renew_leases, name="coin-lease-renewer", daemon=True)
         self._renewer.start()
         self._index_cache: tuple[int | None, dict] = (None, {})
@@ -201,10 +202,13 @@ class PostgresStore(PostgresSweeps, Store):
         return Claim(coin_id, task_run, 0, token, frozenset(tuple(t) for t in first_pass) if first_pass else None)
 
     def claim_waiting(self, limit: int) -> list[Claim]:
+        """The queued coins, and the running ones whose lease ran out (a sweep taken over from a process
+        that stopped has them)."""
         rows = self._db.execute(
             f"UPDATE coins SET status = 'running', claim = nextval('claims'), lease_until = {NOW} + %s,"
             " not_before = NULL WHERE id IN ("
             " SELECT id FROM coins WHERE status = 'queued' AND (not_before IS NULL OR not_before <= %s)"
+            f" OR status = 'running' AND lease_until < {NOW}"
             " ORDER BY task_run LIMIT %s FOR UPDATE SKIP LOCKED)"
             " RETURNING id, task_run, claim, first_pass", (self.lease_seconds, self._clock(), limit),
         ).fetchall()
@@ -218,8 +222,9 @@ class PostgresStore(PostgresSweeps, Store):
             self._held.discard(claim.token)
 
     def _renew_leases(self) -> None:
-        """Keep the leases of this process's coins alive while it fetches them."""
+        """Keep the leases of this process's coins (and its part in a sweep) alive while it fetches them."""
         while not self._stop.wait(self.lease_seconds / 3):
+            self._renew_sweep_leases()
             with self._held_lock:
                 held = list(self._held)
             if not held:

@@ -160,5 +160,12 @@ CREATE TABLE sweep (
 CREATE TABLE sweep_exchanges (exchange_id TEXT COLLATE "C" PRIMARY KEY, state JSONB NOT NULL, seq BIGSERIAL);
 CREATE TABLE sweep_history (id INTEGER PRIMARY KEY CHECK (id = 1), last_calls INTEGER);
 """,
+    # One sweep shared by every process: its leader, and each exchange's reader, under leases; an
+    # exchange has its row from the sweep's start (its state NULL until it is begun).
+    """
+ALTER TABLE sweep ADD COLUMN leader TEXT, ADD COLUMN lease_until DOUBLE PRECISION;
+ALTER TABLE sweep_exchanges ALTER COLUMN state DROP NOT NULL, ADD COLUMN reader TEXT,
+    ADD COLUMN lease_until DOUBLE PRECISION;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,12 +20,13 @@ class SqliteSweeps:
     _conn: sqlite3.Connection
     _transaction: Callable[[], AbstractContextManager[sqlite3.Connection]]
 
-    def begin_sweep(self, exchanges: list[str], started: float) -> None:
+    def begin_sweep(self, exchanges: list[str], started: float) -> bool:
         with self._lock, self._transaction() as conn:
             conn.execute("DELETE FROM sweep_exchanges")
             conn.execute("DELETE FROM sweep")
             conn.execute("INSERT INTO sweep (id, started, exchanges) VALUES (1, ?, ?)",
                          (started, json.dumps(exchanges)))
+        return True
 
     def sweep_progress(self) -> SweepProgress | None:
         with self._lock:

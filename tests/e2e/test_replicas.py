@@ -63,6 +63,11 @@ def idle(url: str) -> bool:
     return coins["queued"] == coins["running"] == 0
 
 
+def swept(url: str) -> bool:
+    health = requests.get(f"{url}/healthz", timeout=5).json()
+    return health["coins"]["queued"] == health["coins"]["running"] == 0 and not health.get("sweep", {}).get("running")
+
+
 def windows(times: list[float], width: float = 60.0) -> tuple[int, int]:
     """(the most calls in any ``width`` window, the calls in the window from the first call)."""
     most = max(bisect.bisect_left(times, t + width) - i for i, t in enumerate(times))
@@ -154,3 +159,26 @@ def test_several_workers_are_still_refused_without_postgres(tmp_path):
                            "app:create_app()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "cannot start: --workers 2: with the SQLite store" in done.stderr
+
+
+def test_a_sweep_survives_its_leaders_kill_9_and_the_other_process_finishes_it(postgres_url):
+    """The process that began a sweep is killed mid-sweep: the other reads the exchanges left, takes the
+    lead once the lease runs out, records every coin right, and no page but those in flight is read twice."""
+    data = FakeData(coins=2000, exchanges=150, market=True)
+    ids = data.coin_ids()
+    settings = {"COINS_DB": postgres_url, "COINGECKO_RATE_LIMIT": "1000000", "COINS_SWEEP_AT": "100",
+                "COINS_LEASE_SECONDS": "2"}
+    with FakeCoinGecko(FakeOptions(latency=0.02), data) as fake, ExitStack() as stack:
+        first = stack.enter_context(service(fake.url, **settings))
+        requests.post(f"{first.url}/coins", json=ids, timeout=30)
+        eventually(lambda: requests.get(f"{first.url}/healthz", timeout=5).json().get("sweep", {}).get("done", 0)
+                   >= 10, 60, "the sweep to be under way")
+        second = stack.enter_context(service(fake.url, **settings))
+        first.kill()
+        eventually(lambda: swept(second.url), 120, "the sweep to end and every coin to settle")
+        listing = requests.get(f"{second.url}/coins", timeout=30).json()["coins"]
+        stats = fake.stats.snapshot()
+
+    assert {coin["id"]: coin["exchanges"] for coin in listing} == {coin: data.exchanges(coin) for coin in ids}
+    assert len(stats["exchange_pages_fetched_twice"]) <= 1, stats["exchange_pages_fetched_twice"]
+    assert "this process leads it now" in second.output

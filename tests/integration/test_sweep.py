@@ -13,6 +13,7 @@ import requests
 from fake_coingecko import FakeCoinGecko, FakeData, FakeOptions
 from store import EXCHANGES_SOURCE
 from stores.memory import MemoryStore
+from stores.postgres import PostgresStore
 from stores.sqlite import SqliteStore
 from support import eventually, fast_client, service
 from web.coins import coin_view
@@ -73,6 +74,37 @@ def test_a_sweep_maps_the_market_as_every_coins_own_pages_do_in_its_fewest_calls
     state = worker.sweep_state()
     assert (state["running"], state["agreed"], state["checked"], state["differed"]) == (False, 20, 20, [])
     assert store.last_sweep_calls() == state["calls"]
+
+
+def test_two_processes_on_one_postgres_share_one_sweep(postgres_url):
+    """Two stores on one database stand for two replicas: the second, started once the first's sweep is
+    under way, reads some of its exchanges; no exchange page is read twice and every record is right."""
+    data = FakeData(coins=2000, exchanges=150, market=True)
+    ids = data.coin_ids()
+    first, second = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    workers = []
+    try:
+        with FakeCoinGecko(FakeOptions(latency=0.01), data) as fake:
+            first.submit(ids)
+            workers.append(sweeping_worker(first, fake.url))
+            workers[0].notify()
+            eventually(lambda: (workers[0].sweep_state() or {}).get("done", 0) >= 1, 30, "the sweep to be under way")
+            workers.append(sweeping_worker(second, fake.url))
+            workers[1].notify()
+            settled(first)
+            eventually(lambda: first.sweep_progress() is None, 30, "the sweep to end")
+            stats = fake.stats.snapshot()
+            records = first.records(ids)
+    finally:
+        for worker in workers:
+            worker.stop()
+        second.close()
+        first.close()
+    leader, helper = (worker.sweeper.passes_read for worker in workers)
+    assert leader > 0 and helper > 0 and leader + helper >= 150, (leader, helper)
+    assert stats["exchange_calls"] == exchange_minimum(data)
+    assert stats["exchange_pages_fetched_twice"] == []
+    assert {record.id: list(record.exchanges) for record in records} == {coin: data.exchanges(coin) for coin in ids}
 
 
 @pytest.mark.parametrize("count", [10, 500])

@@ -1,13 +1,12 @@
 """Giving memory back to the system once a big deletion has freed it.
 
 CPython's own allocator for small objects (pymalloc) returns memory only in whole 1 MiB arenas,
-and one object that outlives a request keeps its arena. A POST of 50,000 IDs makes and frees
-some 20 MB of small objects, and the few that outlive it (a cache entry, a counter, a free list's
-spares) land among them: 30 rounds of posting and deleting such a batch grew the process by 45 to
-57 % before it levelled off, while the objects alive stayed the same. With the C library's
-allocator, ``malloc_trim`` hands back every free page wherever it lies, so the service runs with
-``PYTHONMALLOC=malloc`` and trims after a deletion that freed many coins: the same 30 rounds end
-within 10 % of the first (README, "Memory").
+and one object that outlives a request keeps its arena. A big POST makes and frees many small
+objects, and the few that outlive it (a cache entry, a counter, a free list's spares) land among
+them, so rounds of posting and deleting grew the process while the objects alive stayed the same.
+With the C library's allocator, ``malloc_trim`` hands back every free page wherever it lies, so the
+service runs with ``PYTHONMALLOC=malloc`` and trims after a deletion that freed many coins
+(docs/performance.md, "Why the code is shaped so").
 """
 
 from __future__ import annotations

@@ -98,11 +98,9 @@ def post_fork(server, worker) -> None:
         os._exit(1)
 
 
-# The cyclic garbage collector's thresholds in a worker. With Python's defaults (700, 10, 10) a POST
-# of 50,000 IDs beside 100,000 stored records triggered full collections that walked every record:
-# half of its time (measured when the records were CoinRecords, which the collector never lets go
-# of: 270 ms p50 with the defaults, 130 ms with these; the memory store now keeps plain tuples, see
-# store.RecordTable). The service makes almost no reference cycles.
+# The cyclic garbage collector's thresholds in a worker: with Python's defaults (700, 10, 10) a big POST
+# beside many stored records triggered full collections that walked every record (docs/performance.md,
+# "Why the code is shaped so"). The service makes almost no reference cycles.
 GC_THRESHOLDS = (20_000, 50, 100)
 
 

@@ -40,8 +40,8 @@ class RecordTable:
 
     Why plain tuples: CPython's collector stops tracking an exact tuple of strings, numbers and
     None the first time it sees one, but never a tuple subclass such as ``CoinRecord``. Stored as
-    records, 100,000 coins were walked by every older-generation collection (one took 135 ms of a
-    POST of 50,000 IDs); stored as tuples they are walked once, when new. A new coin, queued with
+    records, every coin was walked by every older-generation collection (docs/performance.md, "Why
+    the code is shaped so"); stored as tuples they are walked once, when new. A new coin, queued with
     nothing else known, is kept as its taskRun alone: an int is never tracked, so a POST of new IDs
     gives the collector nothing to walk.
     """
@@ -387,9 +387,8 @@ class RunQueue:
 
 
 class SharedTuples:
-    """One tuple for all equal ones. Most coins trade on the same few exchanges (one DEX or two):
-    the fake's 100,000 coins have 9,691 distinct exchange lists, 19 MB as a tuple each and 3.4 MB
-    shared (tracemalloc)."""
+    """One tuple for all equal ones: most coins trade on the same few exchanges (one DEX or two), so
+    far fewer lists are distinct than coins (docs/performance.md, "Why the code is shaped so")."""
 
     def __init__(self) -> None:
         self._table: dict[tuple, tuple] = {}

@@ -22,8 +22,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "coin_retriever"
 MIGRATION_LOCK = 0x636F696E  # pg_advisory_xact_lock key: one process migrates at a time
 # No JIT: it compiles any statement whose estimate passes jit_above_cost, and every statement here is
-# short and index-driven. GET /batches with 10,000 batches paid 11 ms a call for it, and a connection's
-# first such call 3.6 s to load LLVM.
+# short and index-driven, so it only costs (a connection's first such call loads LLVM).
 SESSION_OPTIONS = f"-c search_path={SCHEMA} -c jit=off"
 RETRIES = 8
 TRANSIENT = (errors.DeadlockDetected, errors.SerializationFailure)

@@ -1,7 +1,7 @@
 """The ``GET /batches`` body, each settled batch's object encoded once.
 
-Encoding 10,000 batch objects was most of the listing's time (measured in the service with
-py-spy: 62 % of the view). A batch with nothing queued or running changes only when its counts
+Encoding the batch objects was most of the listing's time (docs/performance.md, "Why the code is
+shaped so"). A batch with nothing queued or running changes only when its counts
 or its ``closed`` do (a refresh, a retry, a close), so its encoded object is kept beside what it
 shows and reused while that stays the same. A batch with coins left is encoded on every request:
 its ETA moves with the worker.

@@ -5,8 +5,8 @@ coins' IDs, their encoded fragments (one list per form, JSON and CSV, encoded wh
 for) and those fragments joined. When the listing changes, the store says which taskRuns
 changed (``Store.listing_changes``): only their segments are read again, only the changed
 records are encoded again, and only those segments are joined again. A body is the segments'
-bytes in order, handed to the server as they are: a 34 MB listing is never copied into one
-piece. ``?since=`` takes the segments after it whole; ``?batch=`` picks the batch's coins out of
+bytes in order, handed to the server as they are: a listing of 100,000 records is never copied
+into one piece. ``?since=`` takes the segments after it whole; ``?batch=`` picks the batch's coins out of
 them (a set lookup per listed coin, no record read). A clear (a new generation), or a store that
 can no longer say what changed, starts the segments afresh.
 """

@@ -383,7 +383,10 @@ class RunQueue:
 
     def pop(self) -> tuple[int, str | None]:
         task_run = heapq.heappop(self._heap)
-        return task_run, self._coins.pop(task_run, None)
+        coin_id = self._coins.pop(task_run, None)
+        if not self._heap:
+            self._coins = {}  # a dict emptied by pops keeps its table, as large as it ever was
+        return task_run, coin_id
 
 
 class SharedTuples:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import random
 import sqlite3
+import sys
 
 import pytest
 
@@ -619,3 +620,12 @@ def test_stored_ids_are_each_ids_stored_id_with_or_without_the_one_pass_check(od
     ids = [f"coin-{i}" for i in range(50)] + [odd, "coin-3"]
     assert stored_ids(ids) == {stored_id(coin_id) for coin_id in ids}
     assert stored_ids(ids[:50]) == set(ids[:50])
+
+
+def test_a_drained_memory_queue_keeps_no_table_as_large_as_its_longest():
+    """A dict emptied by pops keeps its table: after 50,000 coins the queue's would stay megabytes."""
+    store = MemoryStore()
+    store.submit([f"coin-{i}" for i in range(50_000)])
+    run_all(store)
+    assert len(store._queue) == 0
+    assert sys.getsizeof(store._queue._coins) < 1_000

@@ -7,16 +7,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psycopg
 
-from credits import Credits
-
-if TYPE_CHECKING:
-    from stores.postgres import PostgresStore
+from credits import Credits, Ledger
 
 NOW = "extract(epoch from clock_timestamp())::float8"
+
+
+class ReservingLedger(Ledger, Protocol):
+    """A ledger that can take a credit only while the month's count is under the limit, in one step."""
+
+    def reserve_credit(self, month: str, limit: int) -> bool: ...
 
 
 class SharedCredits(Credits):
@@ -24,12 +27,12 @@ class SharedCredits(Credits):
 
     With a limit, a call's credit is taken there before the call (one statement that checks and
     counts) and a call without a 200 gives it back. Without one the count only informs, so 200s
-    are written together, at most ``FLUSH_SECONDS`` apart (one statement a call was a fifth of a
-    worker's time at an unlimited upstream); a process killed meanwhile leaves those uncounted."""
+    are written together, at most ``FLUSH_SECONDS`` apart (one statement a call cost a worker much of its
+    time at an unlimited upstream); a process killed meanwhile leaves those uncounted."""
 
     FLUSH_SECONDS = 1.0
 
-    def __init__(self, limit: int | None, store: PostgresStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, limit: int | None, store: ReservingLedger, clock: Callable[[], float] = time.time) -> None:
         super().__init__(limit, ledger=store, clock=clock)
         self._store = store
         self._counted_early = threading.local()

@@ -2,7 +2,7 @@
 
     python bench.py            # the full run (a few minutes)
     python bench.py --quick    # under a minute: pacing, and the memory store alone at 3,000 coins
-    python bench.py --market   # the whole market: coin by coin against a sweep
+    python bench.py --market   # the whole market: coin by coin against a sweep, on each store
 
 Two parts, each against a fresh service process:
 
@@ -97,16 +97,20 @@ def peak_rss_mb(pid: int) -> float:
     return rss_mb(pid, "VmHWM")
 
 
-def store_settings(store: str, workdir: str, postgres: str | None) -> dict[str, str]:
-    """``COINS_DB`` for ``store``: a new SQLite file, or the PostgreSQL server emptied. The scale runs
-    measure the per-coin worker and the listing, so sweeps are off there (``--market`` measures them)."""
-    no_sweeps = {"COINS_SWEEP_AT": "0"}
+def store_location(store: str, workdir: str, postgres: str | None) -> dict[str, str]:
+    """``COINS_DB`` for ``store``: a new SQLite file, or the PostgreSQL server emptied."""
     if store == "sqlite":
-        return no_sweeps | {"COINS_DB": str(Path(tempfile.mkdtemp(dir=workdir)) / "coins.db")}
+        return {"COINS_DB": str(Path(tempfile.mkdtemp(dir=workdir)) / "coins.db")}
     if store == "postgres":
         reset(postgres)
-        return no_sweeps | {"COINS_DB": postgres}
-    return no_sweeps
+        return {"COINS_DB": postgres}
+    return {}
+
+
+def store_settings(store: str, workdir: str, postgres: str | None) -> dict[str, str]:
+    """The store's location with sweeps off: the scale runs measure the per-coin worker and the listing
+    (``--market`` measures sweeps)."""
+    return {"COINS_SWEEP_AT": "0"} | store_location(store, workdir, postgres)
 
 
 def measure_scale(store: str, coins: int, repeat: int, workdir: str, postgres: str | None = None) -> dict:
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead: every endpoint at N records on each store, beside the same-size floor")
     parser.add_argument("--stores", default=",".join(STORES), help="which stores, comma-separated (default: all)")
     parser.add_argument("--market", action="store_true",
-                        help=f"instead: {MARKET_COINS} coins on {MARKET_EXCHANGES} exchanges, per coin and swept")
+                        help=f"instead: {MARKET_COINS} coins on {MARKET_EXCHANGES} exchanges, per coin and swept, "
+                        "on each of --stores")
     parser.add_argument("--serve-floor", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -419,11 +424,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     machine = f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}"
-    if args.market:
-        data = FakeData(MARKET_COINS, exchanges=MARKET_EXCHANGES, market=True)
-        runs = [measure_market(mode, data) for mode in ("per-coin", "sweep")]
-        sys.stdout.write(f"\n{market_report(data, runs)}\n\nMeasured on {machine}, {_cores()} cores.\n")
-        return
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory())
         missing = unavailable_reason()
@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             log.warning("no PostgreSQL store in this run: %s", missing)
         stores = [store for store in args.stores.split(",") if store != "postgres" or postgres]
+        if args.market:
+            data = FakeData(MARKET_COINS, exchanges=MARKET_EXCHANGES, market=True)
+            runs = [measure_market(mode, data, store, store_location(store, workdir, postgres))
+                    for store in stores for mode in ("per-coin", "sweep")]
+            sys.stdout.write(f"\n{market_report(data, runs)}\n\nMeasured on {machine}, {_cores()} cores.\n")
+            return
         if args.scale:
             results = [measure_at_scale(store, args.scale, workdir, postgres) for store in stores]
             sys.stdout.write(f"\n{scale_report(results)}\n\nMeasured on {machine}, {_cores()} cores.\n")
@@ -454,10 +460,10 @@ MARKET_COINS, MARKET_EXCHANGES = 5000, 400
 MARKET_LIMITS = (30, 500)  # a demo key's and a pro key's calls a minute, for the time at a fixed limit
 
 
-def measure_market(mode: str, data: FakeData) -> dict:
+def measure_market(mode: str, data: FakeData, store: str = "memory", location: dict | None = None) -> dict:
     """Every coin of the market posted with {"all": true} and mapped coin by coin (``COINS_SWEEP_AT=0``) or
     as the service chooses (a sweep), at an unlimited upstream: calls, seconds, and exactness."""
-    settings = {"COINGECKO_RATE_LIMIT": UNLIMITED, "WORKER_CONCURRENCY": "4"}
+    settings = {"COINGECKO_RATE_LIMIT": UNLIMITED, "WORKER_CONCURRENCY": "4", **(location or {})}
     if mode == "per-coin":
         settings["COINS_SWEEP_AT"] = "0"
     with FakeCoinGecko(FakeOptions(), data) as fake, service(fake.url, **settings) as svc:
@@ -471,7 +477,8 @@ def measure_market(mode: str, data: FakeData) -> dict:
         stats = fake.stats.snapshot()
         health = requests.get(f"{svc.url}/healthz", timeout=10).json()
     exact = sum(coin["exchanges"] == data.exchanges(coin["id"]) for coin in coins)
-    return {"mode": mode, "coins": total, "calls": stats["calls"], "exchange_calls": stats["exchange_calls"],
+    return {"mode": f"{store}, {mode}", "coins": total, "calls": stats["calls"],
+            "exchange_calls": stats["exchange_calls"],
             "ticker_calls": stats["ticker_calls"], "seconds": seconds, "exact": exact,
             "pages_twice": len(stats["pages_fetched_twice"]) + len(stats["exchange_pages_fetched_twice"]),
             "verified": health.get("sweep", {}).get("verification")}

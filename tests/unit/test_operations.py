@@ -79,9 +79,11 @@ def test_all_queues_every_listed_coin_the_service_does_not_know_in_the_lists_ord
 def test_waiting_on_the_listing_answers_when_a_coin_lands(app, http):
     post_json(http, ["bitcoin"])
     started = time.monotonic()
-    threading.Timer(0.5, lambda: drain(app)).start()
+    draining = threading.Timer(0.5, lambda: drain(app))
+    draining.start()
     answer = http.get("/coins?since=0&wait=20")
     took = time.monotonic() - started
+    draining.join(10)
     assert [coin["id"] for coin in answer.get_json()["coins"]] == ["bitcoin"]
     assert 0.4 < took < 1.5, took
     started = time.monotonic()
@@ -91,9 +93,11 @@ def test_waiting_on_the_listing_answers_when_a_coin_lands(app, http):
 
 def test_waiting_on_a_batch_answers_when_its_counts_change(app, http):
     batch = post_json(http, ["bitcoin"]).get_json()["batch"]
-    threading.Timer(0.3, lambda: drain(app)).start()
+    draining = threading.Timer(0.3, lambda: drain(app))
+    draining.start()
     started = time.monotonic()
     view = http.get(f"/batches/{batch}?wait=20").get_json()
+    draining.join(10)  # the queue drained: no thread outlives the test (and its fake) to retry forever
     assert view["queued"] == 0 and view["running"] + view["done"] == 1  # the first change: claimed, or done
     assert time.monotonic() - started < 5
 

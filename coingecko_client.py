@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
-from coingecko_answers import (  # noqa: F401  (the errors the client raises, imported from it by its callers)
+from coingecko_answers import (
     BadAnswer,
     Cancelled,
     CoinFetchError,

@@ -288,8 +288,9 @@ class Sweeper:
             if not pending:
                 return progress
             self._show(progress)
-            soonest = min((state["again_at"] for state in pending if state is not None), default=0.0)
-            if self._stop.wait(min(SHARED_POLL, max(0.01, soonest - self._wall_clock()))):
+            now = self._wall_clock()
+            second_passes = [state["again_at"] - now for state in pending if state and state["again_at"] > now]
+            if self._stop.wait(min([SHARED_POLL, *second_passes])):
                 raise Stopped("the service is stopping")
             self._check_alive(generation)
 

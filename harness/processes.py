@@ -49,6 +49,7 @@ class Process:
     proc: subprocess.Popen
     url: str
     lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None  # takes the output into ``lines`` until the process closes it
 
     @property
     def output(self) -> str:
@@ -73,7 +74,8 @@ def running(command: list[str], env: dict[str, str], url: str, ready_path: str):
     proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     process = Process(proc, url)
-    threading.Thread(target=_collect, args=(proc, process.lines), daemon=True).start()
+    process.reader = threading.Thread(target=_collect, args=(proc, process.lines), daemon=True)
+    process.reader.start()
     try:
         eventually(lambda: proc.poll() is not None or requests.get(url + ready_path, timeout=2).status_code, 20,
                    f"{command} to answer")

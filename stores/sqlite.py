@@ -45,8 +45,6 @@ from stores.tallies import TalliedStore, Tallies
 log = logging.getLogger(__name__)
 
 
-
-
 class SqliteStore(SqliteSweeps, TalliedStore):
     """Everything in one SQLite file, every change in one transaction.
 

@@ -15,12 +15,11 @@ from store import (
     COINS_SOURCE,
     DONE,
     INVALID,
-    MAX_TASK_RUN,
     BatchNotFound,
     CoinRecord,
 )
 from web.services import ApiError, services
-from web.submission import parse_submission, query_batch, query_wait, wait_for
+from web.submission import parse_submission, query_batch, query_since, query_wait, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +135,6 @@ def get_coin(coin_id: str):
     return jsonify(view)
 
 
-def query_since() -> int:
-    raw = request.args.get("since")
-    if raw is None or raw.strip() == "":
-        return 0
-    try:
-        since = int(raw)
-    except ValueError:
-        raise ApiError(400, f"?since= takes a taskRun number, not {raw[:20]!r}") from None
-    if since < 0:
-        raise ApiError(400, "?since= takes a taskRun number of 0 or more")
-    return min(since, MAX_TASK_RUN)
 
 
 def coin_view(record: CoinRecord) -> dict:

@@ -10,12 +10,15 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flask import request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from coin_ids import normalized_ids
+from store import MAX_TASK_RUN
 from web.services import ApiError, services
 from web.waiting import MAX_WAIT_SECONDS
 
@@ -238,23 +241,41 @@ def _csv_ids(text: str) -> list[str]:
 
 
 WAIT_RETRY_AFTER = "5"
+T = TypeVar("T")
+
+
+def query_number(name: str, convert: Callable[[str], T], wrong: str) -> T | None:
+    """``?name=`` through ``convert``; None when absent or blank; a 400 saying ``wrong`` (and what came)
+    when it does not convert or ``convert`` refuses it."""
+    raw = request.args.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return convert(raw)
+    except ValueError:
+        raise ApiError(400, f"{wrong}, not {raw[:20]!r}") from None
+
+
+def query_since() -> int:
+    since = query_number("since", int, "?since= takes a taskRun number")
+    if since is not None and since < 0:
+        raise ApiError(400, "?since= takes a taskRun number of 0 or more")
+    return min(since or 0, MAX_TASK_RUN)
 
 
 def query_wait() -> float:
     """``?wait=`` in seconds (0 to 60); 0 when absent."""
-    raw = request.args.get("wait")
-    if raw is None or raw.strip() == "":
-        return 0.0
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise ApiError(400, f"?wait= takes seconds from 0 to {MAX_WAIT_SECONDS}, not {raw[:20]!r}") from None
-    if not 0 <= seconds <= MAX_WAIT_SECONDS or seconds != seconds:
-        raise ApiError(400, f"?wait= takes seconds from 0 to {MAX_WAIT_SECONDS}, not {raw[:20]!r}")
+    return query_number("wait", _wait_seconds, f"?wait= takes seconds from 0 to {MAX_WAIT_SECONDS}") or 0.0
+
+
+def _wait_seconds(raw: str) -> float:
+    seconds = float(raw)
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:  # NaN fails both comparisons
+        raise ValueError(raw)
     return seconds
 
 
-def wait_for(ready, seconds: float) -> bool:
+def wait_for(ready: Callable[[], bool], seconds: float) -> bool:
     """``ready()`` within ``seconds`` (see ``Waiting``); 503 with ``Retry-After`` past the waiters' cap."""
     waiting = services().waiting
     became = waiting.until(ready, seconds) if seconds else ready()

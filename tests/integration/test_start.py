@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import requests
 
@@ -61,7 +60,7 @@ def test_an_sqlite_url_is_a_path_and_the_log_has_one_format_without_the_probes(t
         requests.get(f"{svc.url}/batches")
         svc.proc.terminate()
         svc.proc.wait(15)
-        time.sleep(0.3)  # the reader thread takes the last lines
+        svc.reader.join(5)  # the last lines are in once the process has closed its output
         output = svc.output
     assert path.exists()
     lines = [line for line in output.splitlines() if line.strip()]
